@@ -1,0 +1,416 @@
+"""Bone models: a density volume cropped to one bone, in the bone's own frame (RAS, mm).
+
+Two sources:
+* a closed surface mesh (STL, VTK, VTP, PLY, OBJ), voxelised in mm with VTK's
+  polydata-to-image-stencil (voxel centres inside the surface);
+* a CT volume with a label map / segmentation: density from HU, masked per bone; or a label map
+  alone, which gets a synthetic bone density (cancellous core plus a denser cortical shell).
+
+The density unit is "relative linear attenuation" (water = 1 for CT; mesh/label bones use
+``CANCELLOUS_DENSITY`` and ``CORTICAL_DENSITY``). DRR line integrals are then in mm.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import InputError
+from .geometry import RAS_FROM_LPS, apply_transform, rigid_inverse
+
+MESH_SUFFIXES = (".stl", ".vtk", ".vtp", ".ply", ".obj")
+CANCELLOUS_DENSITY = 0.35
+CORTICAL_DENSITY = 1.0
+CORTICAL_THICKNESS_MM = 1.5
+DEFAULT_VOXEL_MM = 0.75
+
+
+@dataclass
+class BoneModel:
+    name: str
+    density: np.ndarray  # float32, indexed [i, j, k]
+    bone_from_ijk: np.ndarray  # 4x4: voxel index -> bone frame (mm)
+    surface_points_mm: np.ndarray | None = None  # (M, 3) in the bone frame
+    surface_triangles: np.ndarray | None = None  # (T, 3) vertex indices
+    file_from_bone: np.ndarray = field(default_factory=lambda: np.eye(4))
+    source_path: str | None = None
+
+    @property
+    def voxel_mm(self) -> np.ndarray:
+        return np.linalg.norm(self.bone_from_ijk[:3, :3], axis=0)
+
+    @property
+    def centroid_mm(self) -> np.ndarray:
+        """Density-weighted centre in the bone frame: the rotation centre and the evaluated point."""
+        w = self.density
+        total = float(w.sum())
+        idx = [np.tensordot(w.sum(axis=tuple(a for a in range(3) if a != d)), np.arange(w.shape[d]), 1) / total
+               for d in range(3)]
+        return apply_transform(self.bone_from_ijk, np.array([idx]))[0]
+
+    def corners_mm(self) -> np.ndarray:
+        """The 8 corners of the voxel box in the bone frame."""
+        n = np.array(self.density.shape) - 1
+        c = np.array([[i, j, k] for i in (0, n[0]) for j in (0, n[1]) for k in (0, n[2])], float)
+        return apply_transform(self.bone_from_ijk, c)
+
+    def resampled(self, voxel_mm: float) -> "BoneModel":
+        """A coarser copy (box-averaged) for the coarse levels of the registration."""
+        factor = voxel_mm / float(self.voxel_mm.min())
+        if factor <= 1.01:
+            return self
+        f = int(round(factor))
+        if f < 2:
+            return self
+        d = self.density
+        pad = [(0, (-s) % f) for s in d.shape]
+        d = np.pad(d, pad)
+        d = d.reshape(d.shape[0] // f, f, d.shape[1] // f, f, d.shape[2] // f, f).mean(axis=(1, 3, 5))
+        scale = np.diag([f, f, f, 1.0])
+        # voxel centre of coarse index 0 is the mean of fine indices 0..f-1
+        shift = np.eye(4)
+        shift[:3, 3] = (f - 1) / 2.0
+        return replace(self, density=d.astype(np.float32), bone_from_ijk=self.bone_from_ijk @ shift @ scale)
+
+    def save_npz(self, path: str | Path) -> None:
+        np.savez_compressed(path, density=self.density, bone_from_ijk=self.bone_from_ijk,
+                            file_from_bone=self.file_from_bone, name=self.name)
+
+    def summary(self) -> dict:
+        return {"name": self.name, "centroid_mm": self.centroid_mm.tolist(),
+                "file_from_bone": np.asarray(self.file_from_bone).tolist(),
+                "voxel_mm": self.voxel_mm.tolist(), "shape": list(self.density.shape),
+                "source_path": self.source_path}
+
+
+# ---- meshes -------------------------------------------------------------------------------------
+def _vtk():
+    import vtk  # noqa: F401  (vtk is a pinned dependency; imported lazily to keep import time low)
+
+    return vtk
+
+
+def _mesh_header_space(path: Path) -> str | None:
+    """Slicer writes ``SPACE=LPS`` / ``SPACE=RAS`` in STL/OBJ headers and comments."""
+    try:
+        head = path.open("rb").read(512).decode("latin-1", errors="ignore").upper()
+    except OSError:
+        return None
+    for space in ("LPS", "RAS"):
+        if f"SPACE={space}" in head:
+            return space
+    return None
+
+
+def read_mesh(path: str | Path, coordinate_system: str = "auto", units: str = "mm"):
+    """Read a closed surface mesh into RAS millimetres.
+
+    Returns ``(polydata_in_ras_mm, file_from_bone)``, where ``file_from_bone`` maps our RAS mm
+    coordinates back to the file's own coordinates (rigid; units are handled separately so that
+    pose files stay rigid and in mm).
+    """
+    vtk = _vtk()
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    suffix = path.suffix.lower()
+    readers = {".stl": vtk.vtkSTLReader, ".vtk": vtk.vtkPolyDataReader, ".vtp": vtk.vtkXMLPolyDataReader,
+               ".ply": vtk.vtkPLYReader, ".obj": vtk.vtkOBJReader}
+    if suffix not in readers:
+        raise InputError(path, f"unsupported mesh format '{suffix}' (use one of {', '.join(MESH_SUFFIXES)})")
+    reader = readers[suffix]()
+    reader.SetFileName(str(path))
+    reader.Update()
+    poly = reader.GetOutput()
+    if poly is None or poly.GetNumberOfPoints() < 4 or poly.GetNumberOfPolys() < 4:
+        raise InputError(path, "unreadable or empty surface mesh")
+
+    space = coordinate_system.upper()
+    if space == "AUTO":
+        space = _mesh_header_space(path) or "RAS"
+    if space not in ("RAS", "LPS"):
+        raise InputError(path, f"coordinate system must be RAS or LPS, not {coordinate_system!r}")
+    scale = {"mm": 1.0, "m": 1000.0}.get(units)
+    if scale is None:
+        raise InputError(path, f"units must be 'mm' or 'm', not {units!r}")
+
+    ras_from_file = RAS_FROM_LPS if space == "LPS" else np.eye(4)
+    matrix = ras_from_file @ np.diag([scale, scale, scale, 1.0])
+    poly = transform_polydata(poly, matrix)
+    check_mesh(poly, path)
+    return poly, rigid_inverse(ras_from_file)
+
+
+def transform_polydata(poly, matrix: np.ndarray):
+    vtk = _vtk()
+    t = vtk.vtkTransform()
+    t.SetMatrix(np.asarray(matrix, float).ravel().tolist())
+    f = vtk.vtkTransformPolyDataFilter()
+    f.SetInputData(poly)
+    f.SetTransform(t)
+    f.Update()
+    out = vtk.vtkPolyData()
+    out.DeepCopy(f.GetOutput())
+    return out
+
+
+def check_mesh(poly, what) -> None:
+    """Closed surface, plausible millimetre size."""
+    vtk = _vtk()
+    clean = vtk.vtkCleanPolyData()
+    clean.SetInputData(poly)
+    tri = vtk.vtkTriangleFilter()
+    tri.SetInputConnection(clean.GetOutputPort())
+    edges = vtk.vtkFeatureEdges()
+    edges.SetInputConnection(tri.GetOutputPort())
+    edges.BoundaryEdgesOn()
+    edges.NonManifoldEdgesOff()
+    edges.FeatureEdgesOff()
+    edges.ManifoldEdgesOff()
+    edges.Update()
+    n_open = edges.GetOutput().GetNumberOfCells()
+    if n_open > 0:
+        raise InputError(what, f"the surface mesh is open ({n_open} boundary edges): close its holes first")
+    b = np.array(poly.GetBounds()).reshape(3, 2)
+    diag = float(np.linalg.norm(b[:, 1] - b[:, 0]))
+    if diag < 5.0:
+        raise InputError(what, f"the mesh is only {diag:.3g} units across: it looks like metres, "
+                               "state units='m' (--units m) or convert it to millimetres")
+    if diag > 2000.0:
+        raise InputError(what, f"the mesh is {diag:.0f} mm across: too large for a knee bone "
+                               "(is it in micrometres, or not a bone?)")
+
+
+def polydata_arrays(poly) -> tuple[np.ndarray, np.ndarray]:
+    vtk = _vtk()
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    tri = vtk.vtkTriangleFilter()
+    tri.SetInputData(poly)
+    tri.Update()
+    out = tri.GetOutput()
+    points = vtk_to_numpy(out.GetPoints().GetData()).astype(float)
+    cells = vtk_to_numpy(out.GetPolys().GetConnectivityArray()).reshape(-1, 3).astype(np.int64)
+    return points, cells
+
+
+def polydata_from_arrays(points: np.ndarray, triangles: np.ndarray):
+    vtk = _vtk()
+    from vtk.util.numpy_support import numpy_to_vtk, numpy_to_vtkIdTypeArray
+
+    poly = vtk.vtkPolyData()
+    pts = vtk.vtkPoints()
+    pts.SetData(numpy_to_vtk(np.ascontiguousarray(points, dtype=float), deep=True))
+    poly.SetPoints(pts)
+    cells = vtk.vtkCellArray()
+    tri = np.ascontiguousarray(triangles, dtype=np.int64)
+    offsets = np.arange(0, tri.size + 1, 3, dtype=np.int64)
+    cells.SetData(numpy_to_vtkIdTypeArray(offsets, deep=True), numpy_to_vtkIdTypeArray(tri.ravel(), deep=True))
+    poly.SetPolys(cells)
+    return poly
+
+
+def mesh_volume_mm3(poly) -> float:
+    vtk = _vtk()
+    tri = vtk.vtkTriangleFilter()
+    tri.SetInputData(poly)
+    mp = vtk.vtkMassProperties()
+    mp.SetInputConnection(tri.GetOutputPort())
+    mp.Update()
+    return float(mp.GetVolume())
+
+
+def voxelise_polydata(poly, voxel_mm: float, margin_mm: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Inside-mask (bool [i, j, k]) and ijk->mm matrix of a closed surface (voxel centres inside)."""
+    vtk = _vtk()
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    b = np.array(poly.GetBounds()).reshape(3, 2)
+    origin = b[:, 0] - margin_mm
+    dims = np.ceil((b[:, 1] - b[:, 0] + 2 * margin_mm) / voxel_mm).astype(int) + 1
+    image = vtk.vtkImageData()
+    image.SetSpacing(voxel_mm, voxel_mm, voxel_mm)
+    image.SetOrigin(*origin)
+    image.SetDimensions(*dims.tolist())
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    image.GetPointData().GetScalars().Fill(1)
+    stencil_src = vtk.vtkPolyDataToImageStencil()
+    stencil_src.SetInputData(poly)
+    stencil_src.SetOutputOrigin(*origin)
+    stencil_src.SetOutputSpacing(voxel_mm, voxel_mm, voxel_mm)
+    stencil_src.SetOutputWholeExtent(image.GetExtent())
+    stencil_src.Update()
+    stencil = vtk.vtkImageStencil()
+    stencil.SetInputData(image)
+    stencil.SetStencilConnection(stencil_src.GetOutputPort())
+    stencil.ReverseStencilOff()
+    stencil.SetBackgroundValue(0)
+    stencil.Update()
+    flat = vtk_to_numpy(stencil.GetOutput().GetPointData().GetScalars())
+    mask = flat.reshape(dims[2], dims[1], dims[0]).transpose(2, 1, 0).astype(bool)  # VTK is x-fastest
+    ijk_to_mm = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
+    ijk_to_mm[:3, 3] = origin
+    return mask, ijk_to_mm
+
+
+def density_from_mask(mask: np.ndarray, voxel_mm) -> np.ndarray:
+    """Synthetic bone density: cancellous core and a cortical shell, smoothed by half a voxel."""
+    voxel_mm = np.broadcast_to(np.asarray(voxel_mm, float), (3,))
+    depth_mm = ndimage.distance_transform_edt(mask, sampling=voxel_mm)
+    shell = (mask & (depth_mm <= CORTICAL_THICKNESS_MM)).astype(np.float32)
+    density = CANCELLOUS_DENSITY * mask.astype(np.float32) + (CORTICAL_DENSITY - CANCELLOUS_DENSITY) * shell
+    return ndimage.gaussian_filter(density, 0.5).astype(np.float32)
+
+
+def bone_from_polydata(poly, name: str, voxel_mm: float = DEFAULT_VOXEL_MM,
+                       file_from_bone: np.ndarray | None = None, source_path: str | None = None) -> BoneModel:
+    """A bone from a closed surface already in RAS millimetres."""
+    check_mesh(poly, source_path or name)
+    mask, ijk_to_mm = voxelise_polydata(poly, voxel_mm)
+    if not mask.any():
+        raise InputError(source_path or name, "the mesh encloses no voxel (is it closed and in mm?)")
+    points, triangles = polydata_arrays(poly)
+    return BoneModel(name=name, density=density_from_mask(mask, voxel_mm), bone_from_ijk=ijk_to_mm,
+                     surface_points_mm=points, surface_triangles=triangles,
+                     file_from_bone=np.eye(4) if file_from_bone is None else file_from_bone,
+                     source_path=source_path)
+
+
+def bone_from_mesh_file(path, name: str, coordinate_system: str = "auto", units: str = "mm",
+                        voxel_mm: float = DEFAULT_VOXEL_MM) -> BoneModel:
+    poly, file_from_bone = read_mesh(path, coordinate_system, units)
+    return bone_from_polydata(poly, name, voxel_mm, file_from_bone, str(path))
+
+
+# ---- CT / label maps ----------------------------------------------------------------------------
+def read_volume_ras(path) -> tuple[np.ndarray, np.ndarray]:
+    """Any ITK-readable volume (NRRD, NIfTI, MHA, DICOM series dir) -> (array [i, j, k], ijk_to_ras)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file not found")
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            files = reader.GetGDCMSeriesFileNames(str(path))
+            if not files:
+                raise InputError(path, "no DICOM series in this folder")
+            reader.SetFileNames(files)
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(path, f"unreadable volume ({str(exc).strip().splitlines()[-1][:120]})") from None
+    array = sitk.GetArrayFromImage(image).transpose(2, 1, 0)  # ITK arrays are [k, j, i]
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    spacing = np.array(image.GetSpacing())
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = direction * spacing
+    ijk_to_lps[:3, 3] = image.GetOrigin()
+    return array, RAS_FROM_LPS @ ijk_to_lps
+
+
+def bones_from_label_volume(label_array: np.ndarray, ijk_to_ras: np.ndarray, labels: dict[str, int],
+                            ct_array: np.ndarray | None = None, margin_vox: int = 3,
+                            what: str = "label map", mesh: bool = True) -> dict[str, BoneModel]:
+    """One cropped BoneModel per named label; density from HU when a CT is given."""
+    bones = {}
+    voxel_mm = np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
+    if ct_array is not None and ct_array.shape != label_array.shape:
+        raise InputError(what, f"CT shape {ct_array.shape} differs from label map shape {label_array.shape}")
+    for name, value in labels.items():
+        mask = label_array == value
+        if not mask.any():
+            present = sorted(int(v) for v in np.unique(label_array) if v != 0)[:20]
+            raise InputError(what, f"label {value} ({name}) is empty (labels present: {present})")
+        lo = np.maximum(np.argwhere(mask).min(0) - margin_vox, 0)
+        hi = np.minimum(np.argwhere(mask).max(0) + margin_vox + 1, mask.shape)
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+        m = mask[sl]
+        if ct_array is not None:
+            hu = ct_array[sl].astype(np.float32)
+            density = np.clip((hu + 1000.0) / 1000.0, 0.0, None) * m  # linear attenuation relative to water
+        else:
+            density = density_from_mask(m, voxel_mm)
+        shift = np.eye(4)
+        shift[:3, 3] = lo
+        bone_from_ijk = np.asarray(ijk_to_ras, float) @ shift
+        points = triangles = None
+        if mesh:
+            points, triangles = surface_from_mask(m, bone_from_ijk)
+        bones[name] = BoneModel(name=name, density=density.astype(np.float32), bone_from_ijk=bone_from_ijk,
+                                surface_points_mm=points, surface_triangles=triangles, source_path=str(what))
+    return bones
+
+
+def surface_from_mask(mask: np.ndarray, ijk_to_mm: np.ndarray, smooth_iterations: int = 15):
+    """Closed triangle surface (points in mm, triangles) of a binary mask, via VTK flying edges."""
+    vtk = _vtk()
+    from vtk.util.numpy_support import numpy_to_vtk
+
+    padded = np.pad(mask.astype(np.uint8), 1)
+    image = vtk.vtkImageData()
+    image.SetDimensions(*padded.shape)
+    image.GetPointData().SetScalars(numpy_to_vtk(padded.transpose(2, 1, 0).ravel(), deep=True))
+    fe = vtk.vtkDiscreteFlyingEdges3D()
+    fe.SetInputData(image)
+    fe.SetValue(0, 1)
+    smoother = vtk.vtkWindowedSincPolyDataFilter()
+    smoother.SetInputConnection(fe.GetOutputPort())
+    smoother.SetNumberOfIterations(smooth_iterations)
+    smoother.SetPassBand(0.1)
+    smoother.NonManifoldSmoothingOn()
+    smoother.NormalizeCoordinatesOn()
+    smoother.Update()
+    shift = np.eye(4)
+    shift[:3, 3] = -1.0  # undo the padding
+    poly = transform_polydata(smoother.GetOutput(), np.asarray(ijk_to_mm) @ shift)
+    return polydata_arrays(poly)
+
+
+def bones_from_ct_files(ct_path, labels_path, labels: dict[str, int]) -> dict[str, BoneModel]:
+    labels_array, ijk_to_ras = read_volume_ras(labels_path)
+    ct = None
+    if ct_path is not None:
+        ct, ct_ijk_to_ras = read_volume_ras(ct_path)
+        if not np.allclose(ct_ijk_to_ras, ijk_to_ras, atol=1e-3):
+            raise InputError(labels_path, "the label map is not on the CT's voxel grid (resample it first)")
+    return bones_from_label_volume(np.rint(labels_array).astype(np.int32), ijk_to_ras, labels, ct,
+                                   what=str(labels_path))
+
+
+# ---- writing ------------------------------------------------------------------------------------
+def write_mesh(path, points_mm: np.ndarray, triangles: np.ndarray, coordinate_system: str = "RAS") -> None:
+    """STL (binary, header ``SPACE=RAS``/``LPS`` like Slicer) or VTK/VTP/PLY/OBJ by suffix."""
+    vtk = _vtk()
+    path = Path(path)
+    pts = np.asarray(points_mm, float)
+    if coordinate_system.upper() == "LPS":
+        pts = apply_transform(RAS_FROM_LPS, pts)
+    poly = polydata_from_arrays(pts, triangles)
+    suffix = path.suffix.lower()
+    if suffix == ".stl":
+        w = vtk.vtkSTLWriter()
+        w.SetFileTypeToBinary()
+        w.SetHeader(f"SPACE={coordinate_system.upper()} written by Fluoro2DRR")
+    elif suffix == ".vtk":
+        w = vtk.vtkPolyDataWriter()
+    elif suffix == ".vtp":
+        w = vtk.vtkXMLPolyDataWriter()
+    elif suffix == ".ply":
+        w = vtk.vtkPLYWriter()
+    elif suffix == ".obj":
+        w = vtk.vtkOBJWriter()
+    else:
+        raise InputError(path, f"unsupported mesh format '{suffix}'")
+    w.SetFileName(str(path))
+    w.SetInputData(poly)
+    w.Write()
+
+
+def write_bones_json(path, bones: dict[str, BoneModel]) -> None:
+    Path(path).write_text(json.dumps({name: b.summary() for name, b in bones.items()}, indent=2))

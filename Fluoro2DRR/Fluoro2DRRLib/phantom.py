@@ -1,0 +1,146 @@
+"""A procedural knee made in code: femur and tibia as smooth unions of simple solids.
+
+Bone frames (RAS-like, mm): x medio-lateral, y anterior, z superior; the femur's origin is the
+centre of its condyles, the tibia shares it at zero flexion (plateau just below the condyles).
+Shapes vary with the seed (size, condyle radii, shaft angle) so translation networks and the
+registration never see one fixed knee.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .bones import BoneModel, density_from_mask, surface_from_mask
+
+FLEXION_CENTRE_MM = np.array([0.0, -3.0, 0.0])  # femoral condyle centre, femur frame
+
+
+def _ellipsoid(p, centre, radii):
+    q = (p - centre) / radii
+    k0 = np.linalg.norm(q, axis=-1)
+    k1 = np.linalg.norm(q / radii, axis=-1)
+    return k0 * (k0 - 1.0) / np.maximum(k1, 1e-9)  # Inigo Quilez' ellipsoid distance bound
+
+
+def _capsule(p, a, b, r):
+    pa, ba = p - a, b - a
+    h = np.clip((pa @ ba) / (ba @ ba), 0.0, 1.0)
+    return np.linalg.norm(pa - h[..., None] * ba, axis=-1) - r
+
+
+def _smooth_union(d1, d2, k):
+    h = np.clip(0.5 + 0.5 * (d2 - d1) / k, 0.0, 1.0)
+    return d2 * (1 - h) + d1 * h - k * h * (1 - h)
+
+
+def _grid(lo, hi, voxel_mm):
+    axes = [np.arange(a, b + voxel_mm, voxel_mm) for a, b in zip(lo, hi)]
+    p = np.stack(np.meshgrid(*axes, indexing="ij"), -1)
+    ijk_to_mm = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
+    ijk_to_mm[:3, 3] = lo
+    return p, ijk_to_mm
+
+
+def _femur_sdf(p, s, rng_params):
+    c_r = rng_params["condyle_radii"] * s
+    d = _ellipsoid(p, np.array([19.0, -3.0, 0.0]) * s, c_r)  # lateral condyle
+    d = _smooth_union(d, _ellipsoid(p, np.array([-19.0, -3.0, 0.0]) * s, c_r * np.array([1.05, 1.04, 1.0])), 4.0)
+    d = _smooth_union(d, _ellipsoid(p, np.array([0.0, 2.0, 20.0]) * s, np.array([30.0, 21.0, 26.0]) * s), 8.0)
+    top = np.array([rng_params["shaft_tilt_mm"], 4.0, rng_params["femur_length"]]) * np.array([1, 1, 1])
+    d = _smooth_union(d, _capsule(p, np.array([0.0, 3.0, 25.0]) * s, top, 12.5 * s), 10.0)
+    # trochlear groove and intercondylar notch: carve
+    notch = _ellipsoid(p, np.array([0.0, -14.0, -10.0]) * s, np.array([6.5, 14.0, 12.0]) * s)
+    groove = _ellipsoid(p, np.array([0.0, 22.0, 10.0]) * s, np.array([6.0, 5.0, 16.0]) * s)
+    return np.maximum(d, -np.minimum(notch, groove))
+
+
+def _tibia_sdf(p, s, rng_params):
+    d = _ellipsoid(p, np.array([0.0, -4.0, -29.0]) * s, np.array([37.0, 25.0, 8.0]) * s)  # plateau
+    d = _smooth_union(d, _ellipsoid(p, np.array([0.0, -3.0, -45.0]) * s, np.array([29.0, 21.0, 20.0]) * s), 8.0)
+    d = _smooth_union(d, _ellipsoid(p, np.array([0.0, 16.0, -50.0]) * s, np.array([9.0, 8.0, 14.0]) * s), 5.0)
+    bottom = np.array([-rng_params["shaft_tilt_mm"] * 0.5, -3.0, -rng_params["tibia_length"]])
+    d = _smooth_union(d, _capsule(p, np.array([0.0, -3.0, -55.0]) * s, bottom, 11.0 * s), 10.0)
+    # intercondylar eminence between the two plateaus
+    return _smooth_union(d, _ellipsoid(p, np.array([0.0, -5.0, -21.5]) * s, np.array([5.0, 8.0, 3.0]) * s), 2.0)
+
+
+def make_knee_phantom(seed: int = 0, voxel_mm: float = 0.6, mesh: bool = True) -> dict[str, BoneModel]:
+    """Femur and tibia BoneModels (density + closed surface), in their own frames."""
+    rng = np.random.default_rng(seed)
+    s = float(rng.uniform(0.9, 1.1))
+    params = {
+        "condyle_radii": np.array([12.5, 23.0, 19.5]) * rng.uniform(0.93, 1.07, 3),
+        "shaft_tilt_mm": float(rng.uniform(-6, 6)),
+        "femur_length": float(rng.uniform(100, 125)),
+        "tibia_length": float(rng.uniform(115, 140)),
+    }
+    bones = {}
+    for name, sdf, lo, hi in (
+        ("femur", _femur_sdf, (-38, -32, -24), (38, 32, params["femur_length"] + 16)),
+        ("tibia", _tibia_sdf, (-45, -33, -params["tibia_length"] - 14), (45, 30, -16)),
+    ):
+        lo = np.array(lo, float) * max(s, 1.0)
+        hi = np.array(hi, float) * max(s, 1.0)
+        p, ijk_to_mm = _grid(lo, hi, voxel_mm)
+        mask = sdf(p, s, params) <= 0.0
+        points = triangles = None
+        if mesh:
+            points, triangles = surface_from_mask(mask, ijk_to_mm)
+        bones[name] = BoneModel(name=name, density=density_from_mask(mask, voxel_mm), bone_from_ijk=ijk_to_mm,
+                                surface_points_mm=points, surface_triangles=triangles,
+                                source_path=f"procedural knee phantom (seed {seed})")
+    return bones
+
+
+# ---- kinematics of the simulated knee -----------------------------------------------------------
+def rotation_matrix(axis: str, deg: float) -> np.ndarray:
+    a = np.deg2rad(deg)
+    c, s = np.cos(a), np.sin(a)
+    m = {"x": [[1, 0, 0], [0, c, -s], [0, s, c]], "y": [[c, 0, s], [0, 1, 0], [-s, 0, c]],
+         "z": [[c, -s, 0], [s, c, 0], [0, 0, 1]]}[axis]
+    out = np.eye(4)
+    out[:3, :3] = m
+    return out
+
+
+def translation_matrix(t) -> np.ndarray:
+    out = np.eye(4)
+    out[:3, 3] = t
+    return out
+
+
+def femur_from_tibia(flexion_deg: float, adduction_deg: float = 0.0, internal_deg: float = 0.0,
+                     rollback_mm: float = 0.0) -> np.ndarray:
+    """Tibia pose in the femur frame: flexion about the femoral condyle axis (tibia swings posterior)."""
+    c = FLEXION_CENTRE_MM
+    return (translation_matrix(c) @ rotation_matrix("x", -flexion_deg) @ translation_matrix(-c)
+            @ translation_matrix([0.0, -rollback_mm, 0.0]) @ rotation_matrix("z", internal_deg)
+            @ rotation_matrix("y", adduction_deg))
+
+
+# Lateral view: the bone's medio-lateral axis along the beam, long axis up the image, anterior to the right.
+SOURCE_FROM_LATERAL_VIEW = np.array([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0],
+                                     [0.0, 0.0, 0.0, 1.0]])
+
+
+def knee_flexion_sequence(n_frames: int, world_from_source: np.ndarray, source_to_knee_mm: float,
+                          seed: int = 0, max_flexion_deg: float = 60.0) -> dict[str, np.ndarray]:
+    """Smooth squat-like motion: world_from_bone (N, 4, 4) for femur and tibia."""
+    rng = np.random.default_rng(seed + 1000)
+    t = np.linspace(0.0, 1.0, max(n_frames, 1))
+    start = rng.uniform(5, 15)
+    flexion = start + (max_flexion_deg - start) * (0.5 - 0.5 * np.cos(np.pi * t))
+    phase = rng.uniform(0, 2 * np.pi, 8)
+    oblique = rng.uniform(-6, 6, 2)
+    femur, tibia = [], []
+    for k, tk in enumerate(t):
+        wobble = lambda i, amp: amp * np.sin(2 * np.pi * tk + phase[i])  # noqa: E731
+        knee_source = np.array([wobble(0, 6.0), wobble(1, 6.0), -source_to_knee_mm + wobble(2, 8.0)])
+        view = (translation_matrix(knee_source) @ SOURCE_FROM_LATERAL_VIEW
+                @ rotation_matrix("z", oblique[0] + wobble(3, 2.0)) @ rotation_matrix("y", oblique[1] + wobble(4, 2.0)))
+        # the thigh tilts back as the knee flexes, so both bones move in the image
+        world_femur = world_from_source @ view @ rotation_matrix("x", 0.5 * flexion[k] - 15.0)
+        rel = femur_from_tibia(flexion[k], adduction_deg=wobble(5, 2.0), internal_deg=0.15 * flexion[k] + wobble(6, 2.0),
+                               rollback_mm=0.05 * flexion[k])
+        femur.append(world_femur)
+        tibia.append(world_femur @ rel)
+    return {"femur": np.array(femur), "tibia": np.array(tibia)}

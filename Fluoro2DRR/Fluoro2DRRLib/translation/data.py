@@ -1,0 +1,234 @@
+"""Training data for the translation networks: (simulated fluoroscopy, clean DRR target, bone mask).
+
+Line integrals come from a pluggable :class:`LineIntegralSource`:
+
+* :class:`Procedural2DKneeSource` -- analytic 2D projections of femur / tibia-like shapes (condyles,
+  metaphyses and tibial plateau as shelled ellipsoids, shafts as shelled tapered cylinders), random
+  flexion, orientation, position and scale. Needs nothing else; the default.
+* :class:`DRRSource` -- real DiffDRR renders of the knee phantom (``Fluoro2DRRLib.phantom``,
+  ``Fluoro2DRRLib.render``, ``Fluoro2DRRLib.simulate``) when those modules are importable.
+
+Pairs are pre-generated into an ``.npz`` cache (uint8 frames, uint16 targets, uint8 masks) so that
+epochs are fast; the dataset adds flips / 90-degree rotations and random crops.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..fluoro_sim import (FluoroEffects, bone_mask_from_line_integrals, clean_drr_target,
+                          simulate_fluoroscopy)
+
+
+class LineIntegralSource(Protocol):
+    """Anything that gives per-bone line integrals ``(C, H, W)`` float32 (bone bright)."""
+
+    def sample(self, rng: np.random.Generator, size: int) -> np.ndarray: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# procedural 2D knee
+def _shelled_ellipsoid(a, b, ca, cb, A, B, depth, rho_in, rho_shell, t):
+    """Line integral through an ellipsoid (in-plane semi-axes A, B, half-depth ``depth``) with a
+    cortical shell of thickness ``t`` (mm) and density ``rho_shell`` around ``rho_in``."""
+    u, v = (a - ca) / A, (b - cb) / B
+    outer = 2 * depth * np.sqrt(np.clip(1 - u * u - v * v, 0, None))
+    Ai, Bi, Di = max(A - t, 1.0), max(B - t, 1.0), max(depth - t, 1.0)
+    ui, vi = (a - ca) / Ai, (b - cb) / Bi
+    inner = 2 * Di * np.sqrt(np.clip(1 - ui * ui - vi * vi, 0, None))
+    return rho_shell * outer - (rho_shell - rho_in) * inner
+
+
+def _shelled_shaft(a, b, a0, a1, r0, r1, rho_in, rho_shell, t):
+    """Tapered cylinder along ``a`` from ``a0`` (radius r0) to ``a1`` (radius r1)."""
+    s = np.clip((a - a0) / (a1 - a0), 0, 1)
+    r = r0 + (r1 - r0) * s
+    inside = (a >= a0) & (a <= a1)
+    outer = 2 * np.sqrt(np.clip(r * r - b * b, 0, None))
+    ri = np.maximum(r - t, 1.0)
+    inner = 2 * np.sqrt(np.clip(ri * ri - b * b, 0, None))
+    return np.where(inside, rho_shell * outer - (rho_shell - rho_in) * inner, 0.0)
+
+
+class Procedural2DKneeSource:
+    """Analytic lateral-ish projections of a femur and a tibia: ``(2, H, W)`` (femur, tibia)."""
+
+    def __init__(self, mm_per_px_at_256=(0.55, 1.0), flexion_deg=(0.0, 110.0)):
+        self.mm_per_px_at_256 = mm_per_px_at_256
+        self.flexion_deg = flexion_deg
+
+    def sample(self, rng: np.random.Generator, size: int = 256) -> np.ndarray:
+        mmpp = rng.uniform(*self.mm_per_px_at_256) * 256.0 / size
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        # world (mm) coordinates of the pixels, joint centre near the image centre
+        jc = (size / 2 + rng.normal(0, 0.12 * size, 2)) * mmpp
+        X, Y = xx * mmpp - jc[0], yy * mmpp - jc[1]
+        s = rng.uniform(0.85, 1.15)  # subject size
+        side = rng.choice([-1.0, 1.0])  # which way is anterior
+        phi = rng.uniform(0, 2 * np.pi)  # femur direction (towards the hip)
+        flex = np.deg2rad(rng.uniform(*self.flexion_deg))
+        rho_c = rng.uniform(1.3, 1.9)
+        rho_s = rng.uniform(0.25, 0.6)
+        t_c = rng.uniform(2.5, 5.0)
+
+        def local(origin, ang):
+            a = (X - origin[0]) * np.cos(ang) + (Y - origin[1]) * np.sin(ang)
+            b = side * (-(X - origin[0]) * np.sin(ang) + (Y - origin[1]) * np.cos(ang))
+            return a, b
+
+        # femur: a along the shaft towards the hip, b anterior; condyle centre ~ origin + 22 a
+        rc = 22.0 * s * rng.uniform(0.9, 1.1)
+        cond_c = np.array([0.0, 0.0])
+        fo = cond_c - rc * np.array([np.cos(phi), np.sin(phi)])
+        a, b = local(fo, phi)
+        fem = np.maximum.reduce([
+            _shelled_shaft(a, b - 2 * s, 40 * s, 420 * s, 16 * s, 13 * s, rho_s * 0.5, rho_c, t_c + 1.5),
+            _shelled_ellipsoid(a, b, 45 * s, 0, 40 * s, 27 * s, 36 * s, rho_s, rho_c * 0.7, t_c * 0.5),
+            _shelled_ellipsoid(a, b, rc, -4 * s, rc, rc * 1.05, 15 * s, rho_s, rho_c * 0.8, t_c * 0.6),
+            _shelled_ellipsoid(a, b, rc + rng.uniform(-3, 3), -4 * s + rng.uniform(-4, 4),
+                               rc * rng.uniform(0.9, 1.05), rc, 14 * s, rho_s, rho_c * 0.8, t_c * 0.6),
+            _shelled_ellipsoid(a, b, rc + 18 * s, 14 * s, 22 * s, 12 * s, 30 * s, rho_s, rho_c * 0.6, t_c * 0.5),
+        ])
+        # tibia: rolls round the condyle with flexion; a along the shaft towards the ankle
+        tang = phi + np.pi - side * flex
+        tdir = np.array([np.cos(tang), np.sin(tang)])
+        gap = rng.uniform(2.0, 6.0)
+        to = cond_c + (rc + gap) * tdir
+        a, b = local(to, tang)
+        b = b * -1.0  # keep the tibial tuberosity anterior
+        tib = np.maximum.reduce([
+            _shelled_shaft(a, b - 3 * s, 30 * s, 420 * s, 17 * s, 11 * s, rho_s * 0.5, rho_c, t_c + 1.0),
+            _shelled_ellipsoid(a, b, 14 * s, -2 * s, 15 * s, 34 * s, 38 * s, rho_s, rho_c * 0.7, t_c * 0.5),
+            _shelled_ellipsoid(a, b, 38 * s, 14 * s, 14 * s, 9 * s, 15 * s, rho_s, rho_c * 0.7, t_c * 0.5),
+            _shelled_ellipsoid(a, b, 35 * s, 0, 32 * s, 26 * s, 30 * s, rho_s, rho_c * 0.6, t_c * 0.5),
+        ])
+        tib = np.where(np.abs(b) < 80 * s, tib, 0)
+        return np.stack([fem, tib]).astype(np.float32)
+
+
+class DRRSource:
+    """Line integrals rendered with the lead's DiffDRR renderer from the procedural knee phantom.
+
+    Raises ImportError if ``Fluoro2DRRLib.render`` / ``phantom`` / ``simulate`` are not available.
+    """
+
+    def __init__(self, n_phantoms: int = 4, image_size: int = 256):
+        from .. import phantom, render, simulate  # noqa: F401  (ImportError when absent)
+        from ..geometry import knee_default_geometry
+
+        self._render, self._simulate = render, simulate
+        self.geometry = knee_default_geometry().resized(image_size, image_size)
+        self.phantoms = [phantom.make_knee_phantom(seed) for seed in range(n_phantoms)]
+        self._renderers = {}
+
+    def _renderer(self, k):
+        if k not in self._renderers:
+            ph = self.phantoms[k]
+            self._renderers[k] = self._render.TwoBoneRenderer(self.geometry, [ph["femur"], ph["tibia"]])
+        return self._renderers[k]
+
+    def sample(self, rng: np.random.Generator, size: int = 256) -> np.ndarray:
+        k = int(rng.integers(len(self.phantoms)))
+        pose = self._simulate.random_knee_pose(rng=rng, geometry=self.geometry)
+        poses = np.stack([np.asarray(pose["femur"]), np.asarray(pose["tibia"])])[None]
+        with torch.no_grad():
+            li = self._renderer(k).forward(torch.as_tensor(poses, dtype=torch.float32))[0].numpy()
+        if li.shape[-1] != size:
+            li = torch.nn.functional.interpolate(torch.as_tensor(li)[None], size=(size, size),
+                                                 mode="bilinear", antialias=True)[0].numpy()
+        return li.astype(np.float32)
+
+
+def default_source(kind: str = "auto"):
+    """``"procedural"``, ``"drr"`` or ``"auto"`` (DRR when the renderer imports, else procedural)."""
+    if kind in ("drr", "auto"):
+        try:
+            return DRRSource()
+        except Exception:
+            if kind == "drr":
+                raise
+    return Procedural2DKneeSource()
+
+
+# ---------------------------------------------------------------------------------------------
+def make_pair(source: LineIntegralSource, rng: np.random.Generator, size: int = 256,
+              effects: FluoroEffects | None = None, strength=(0.6, 1.2), mask_threshold: float = 2.0):
+    li = source.sample(rng, size)
+    frame = simulate_fluoroscopy(li, rng, effects, float(rng.uniform(*strength)))
+    return frame, clean_drr_target(li), bone_mask_from_line_integrals(li, mask_threshold)
+
+
+def build_cache(path, n: int, size: int = 256, seed: int = 0, source: LineIntegralSource | None = None,
+                effects: FluoroEffects | None = None, progress: bool = True) -> Path:
+    """Pre-generate ``n`` pairs into ``path`` (.npz). Each pair i uses seed ``(seed, i)``."""
+    source = source or Procedural2DKneeSource()
+    frames = np.zeros((n, size, size), np.uint8)
+    targets = np.zeros((n, size, size), np.uint16)
+    masks = np.zeros((n, size, size), np.uint8)
+    it = range(n)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc=f"simulating {n} pairs", leave=False)
+    for i in it:
+        rng = np.random.default_rng([seed, i])
+        f, t, m = make_pair(source, rng, size, effects)
+        frames[i] = np.round(f * 255)
+        targets[i] = np.round(t * 65535)
+        masks[i] = m
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, frames=frames, targets=targets, masks=masks,
+                        source=type(source).__name__, seed=seed)
+    return path
+
+
+class SimulatedPairDataset(Dataset):
+    """(frame, target, mask) tensors ``(1, S, S)`` float32 in [0, 1] from a cache or generated.
+
+    ``cache``: an .npz from :func:`build_cache` (built on the fly if missing and ``n`` given).
+    ``augment``: random flips / 90-degree rotations; ``crop``: random square crop size (training).
+    """
+
+    def __init__(self, cache=None, n: int | None = None, size: int = 256, seed: int = 0,
+                 source: LineIntegralSource | None = None, augment: bool = False,
+                 crop: int | None = None):
+        if cache is not None and not Path(cache).exists():
+            if n is None:
+                raise FileNotFoundError(cache)
+            build_cache(cache, n, size, seed, source)
+        if cache is not None:
+            z = np.load(cache)
+            self.frames, self.targets, self.masks = z["frames"], z["targets"], z["masks"]
+            self._scale = (255.0, 65535.0)
+        else:
+            rng_src = source or Procedural2DKneeSource()
+            pairs = [make_pair(rng_src, np.random.default_rng([seed, i]), size) for i in range(n or 0)]
+            self.frames = np.stack([p[0] for p in pairs]) if pairs else np.zeros((0, size, size))
+            self.targets = np.stack([p[1] for p in pairs]) if pairs else np.zeros((0, size, size))
+            self.masks = np.stack([p[2] for p in pairs]).astype(np.uint8) if pairs else np.zeros((0, size, size))
+            self._scale = (1.0, 1.0)
+        self.augment, self.crop = augment, crop
+        self._rng = np.random.default_rng(seed + 12345)
+
+    def __len__(self):
+        return len(self.frames)
+
+    def __getitem__(self, i):
+        f = self.frames[i].astype(np.float32) / self._scale[0]
+        t = self.targets[i].astype(np.float32) / self._scale[1]
+        m = self.masks[i].astype(np.float32)
+        x = np.stack([f, t, m])
+        if self.augment:
+            k = int(self._rng.integers(4))
+            x = np.rot90(x, k, axes=(1, 2))
+            if self._rng.random() < 0.5:
+                x = x[:, :, ::-1]
+        if self.crop and self.crop < x.shape[-1]:
+            r, c = self._rng.integers(0, x.shape[-1] - self.crop + 1, 2)
+            x = x[:, r:r + self.crop, c:c + self.crop]
+        x = torch.from_numpy(np.ascontiguousarray(x))
+        return x[0:1], x[1:2], x[2:3]
