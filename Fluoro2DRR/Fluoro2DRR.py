@@ -14,7 +14,6 @@ import ctk  # noqa: F401 (Slicer's widgets are registered through it)
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLScalarVolumeNode  # noqa: F401
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
@@ -181,7 +180,8 @@ class Fluoro2DRRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             seq, browser, calibNodes = self.logic.loadInputs(framesPath, calibPath)
             p.framesSequence = seq
             p.calibrationNode = calibNodes["text"]
-            slicer.modules.sequences.setToolBarActiveBrowserNode(browser)
+            if hasattr(slicer.modules, "sequences"):
+                slicer.modules.sequences.setToolBarActiveBrowserNode(browser)
             self.ui.statusLabel.text = f"Loaded {seq.GetNumberOfDataNodes()} frames."
 
     def onRun(self) -> None:
@@ -527,13 +527,33 @@ class Fluoro2DRRTest(ScriptedLoadableModuleTest):
 
         from Fluoro2DRRLib import mrml_adapter as ma  # noqa: PLC0415
 
-        geometry, frames, truth, polys = self._simulated()
-        seq, browser, proxy = ma.frames_to_volume_sequence(slicer.mrmlScene, frames, geometry, "Simulated")
-        calib = ma.calibration_to_nodes(slicer.mrmlScene, geometry)
+        import tempfile  # noqa: PLC0415
+
+        try:
+            from Fluoro2DRRLib import simulate  # noqa: PLC0415 (the lead's simulator: files on disk)
+        except ImportError:
+            simulate = None
+        if simulate is not None:
+            from Fluoro2DRRLib import bones as bones_mod  # noqa: PLC0415
+            from Fluoro2DRRLib import pose_io  # noqa: PLC0415
+
+            tmp = tempfile.mkdtemp()
+            simulate.simulate_sequence(os.path.join(tmp, "sim"), n_frames=2, image_size=64, progress=False)
+            sim = Path(tmp) / "sim"
+            seq, browser, calibNodes = logic.loadInputs(str(sim / "frames"), str(sim / "calibration.json"))
+            calib = calibNodes["text"]
+            geometry = ma.geometry_from_node(calib)
+            frames, _ = ma.volume_sequence_to_frames(seq)
+            truth = pose_io.read_poses_csv(sim / "truth" / "poses.csv")
+            polys = {b: bones_mod.read_mesh(sim / "models" / f"{b}.stl")[0] for b in ("femur", "tibia")}
+        else:
+            geometry, frames, truth, polys = self._simulated()
+            seq, browser, proxy = ma.frames_to_volume_sequence(slicer.mrmlScene, frames, geometry, "Simulated")
+            calib = ma.calibration_to_nodes(slicer.mrmlScene, geometry)["text"]
         femur = ma.model_node_from_polydata(slicer.mrmlScene, polys["femur"], "femur")
         tibia = ma.model_node_from_polydata(slicer.mrmlScene, polys["tibia"], "tibia")
         done = []
-        femurSeq, tibiaSeq, quality = logic.run(seq, calib["text"], femur, tibia, translation="none", device="auto",
+        femurSeq, tibiaSeq, quality = logic.run(seq, calib, femur, tibia, translation="none", device="auto",
                                                 progress=lambda d, n: done.append(d))
         self.assertEqual(femurSeq.GetNumberOfDataNodes(), len(frames))
         self.assertEqual(tibiaSeq.GetNumberOfDataNodes(), len(frames))

@@ -67,7 +67,7 @@ class FluoroEffects:
     gain: tuple = (1.2, 3.0)              # detector gain: air saturates above 1
     gamma: tuple = (0.6, 1.2)             # log/gain display curve  I ** gamma
     soft_tissue_on: bool = True
-    tissue_peak: tuple = (35.0, 95.0)     # mm x density at the thickest part of the leg
+    tissue_peak: tuple = (30.0, 80.0)     # mm x density at the thickest part of the leg
     tissue_margin_px: tuple = (0.14, 0.32)  # leg radius beyond the bone, fraction of image size
     fat_fraction: tuple = (0.1, 0.3)
     other_leg_prob: float = 0.4

@@ -108,39 +108,48 @@ def translation_matrix(t) -> np.ndarray:
     return out
 
 
-def femur_from_tibia(flexion_deg: float, adduction_deg: float = 0.0, internal_deg: float = 0.0,
-                     rollback_mm: float = 0.0) -> np.ndarray:
-    """Tibia pose in the femur frame: flexion about the femoral condyle axis (tibia swings posterior)."""
-    c = FLEXION_CENTRE_MM
-    return (translation_matrix(c) @ rotation_matrix("x", -flexion_deg) @ translation_matrix(-c)
-            @ translation_matrix([0.0, -rollback_mm, 0.0]) @ rotation_matrix("z", internal_deg)
-            @ rotation_matrix("y", adduction_deg))
-
-
 # Lateral view: the bone's medio-lateral axis along the beam, long axis up the image, anterior to the right.
 SOURCE_FROM_LATERAL_VIEW = np.array([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0],
                                      [0.0, 0.0, 0.0, 1.0]])
 
 
-def knee_flexion_sequence(n_frames: int, world_from_source: np.ndarray, source_to_knee_mm: float,
-                          seed: int = 0, max_flexion_deg: float = 60.0) -> dict[str, np.ndarray]:
-    """Smooth squat-like motion: world_from_bone (N, 4, 4) for femur and tibia."""
+def knee_motion(n_frames: int, world_from_source: np.ndarray, source_to_knee_mm: float,
+                knee_from_femur: np.ndarray, knee_from_tibia: np.ndarray, flexion_centre_knee=FLEXION_CENTRE_MM,
+                seed: int = 0, max_flexion_deg: float = 60.0) -> dict[str, np.ndarray]:
+    """Smooth squat-like motion, world_from_bone (N, 4, 4) per bone, in a lateral view of the knee.
+
+    The knee frame is x medio-lateral, y anterior, z superior. The tibia flexes about the condyle axis
+    through ``flexion_centre_knee`` (swinging posterior), with some internal rotation, ab/adduction and
+    femoral rollback; the thigh tilts as the knee flexes and the whole knee drifts, so both bones move.
+    """
     rng = np.random.default_rng(seed + 1000)
     t = np.linspace(0.0, 1.0, max(n_frames, 1))
     start = rng.uniform(5, 15)
     flexion = start + (max_flexion_deg - start) * (0.5 - 0.5 * np.cos(np.pi * t))
     phase = rng.uniform(0, 2 * np.pi, 8)
     oblique = rng.uniform(-6, 6, 2)
+    c = np.asarray(flexion_centre_knee, float)
     femur, tibia = [], []
     for k, tk in enumerate(t):
-        wobble = lambda i, amp: amp * np.sin(2 * np.pi * tk + phase[i])  # noqa: E731
-        knee_source = np.array([wobble(0, 6.0), wobble(1, 6.0), -source_to_knee_mm + wobble(2, 8.0)])
-        view = (translation_matrix(knee_source) @ SOURCE_FROM_LATERAL_VIEW
-                @ rotation_matrix("z", oblique[0] + wobble(3, 2.0)) @ rotation_matrix("y", oblique[1] + wobble(4, 2.0)))
-        # the thigh tilts back as the knee flexes, so both bones move in the image
-        world_femur = world_from_source @ view @ rotation_matrix("x", 0.5 * flexion[k] - 15.0)
-        rel = femur_from_tibia(flexion[k], adduction_deg=wobble(5, 2.0), internal_deg=0.15 * flexion[k] + wobble(6, 2.0),
-                               rollback_mm=0.05 * flexion[k])
-        femur.append(world_femur)
-        tibia.append(world_femur @ rel)
+        def wobble(i, amp):
+            return amp * np.sin(2 * np.pi * tk + phase[i])
+
+        knee_in_source = np.array([wobble(0, 6.0), wobble(1, 6.0), -source_to_knee_mm + wobble(2, 8.0)])
+        world_from_knee = (world_from_source @ translation_matrix(knee_in_source) @ SOURCE_FROM_LATERAL_VIEW
+                           @ rotation_matrix("z", oblique[0] + wobble(3, 2.0))
+                           @ rotation_matrix("y", oblique[1] + wobble(4, 2.0))
+                           @ rotation_matrix("x", 0.5 * flexion[k] - 15.0) @ translation_matrix(-c))
+        femur_from_tibia = (translation_matrix(c) @ rotation_matrix("x", -flexion[k]) @ translation_matrix(-c)
+                            @ translation_matrix([0.0, -0.05 * flexion[k], 0.0])
+                            @ rotation_matrix("z", 0.15 * flexion[k] + wobble(6, 2.0))
+                            @ rotation_matrix("y", wobble(5, 2.0)))
+        femur.append(world_from_knee @ knee_from_femur)
+        tibia.append(world_from_knee @ femur_from_tibia @ knee_from_tibia)
     return {"femur": np.array(femur), "tibia": np.array(tibia)}
+
+
+def knee_flexion_sequence(n_frames: int, world_from_source: np.ndarray, source_to_knee_mm: float,
+                          seed: int = 0, max_flexion_deg: float = 60.0) -> dict[str, np.ndarray]:
+    """Motion of the procedural phantom (its bone frames are the knee frame)."""
+    return knee_motion(n_frames, world_from_source, source_to_knee_mm, np.eye(4), np.eye(4),
+                       FLEXION_CENTRE_MM, seed, max_flexion_deg)

@@ -1,0 +1,172 @@
+"""``fluoro2drr``: the headless command line (simulate, register, evaluate, translate, train, demo).
+
+Every user error ends in one line ``fluoro2drr: error: <file>: <problem>`` and exit code 2; an
+interrupted run exits 130 with every finished frame on disk.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_simulate(sub):
+    p = sub.add_parser("simulate", help="make a knee flexion sequence with ground truth",
+                       description="Simulate a knee flexion sequence (frames, calibration, bone models, truth poses) "
+                                   "from the procedural phantom (default), a label map, or two meshes.")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--frames", type=int, default=20, help="number of frames (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=512, help="frame width/height in pixels (default 512; "
+                                                        "the field of view stays 280 mm at the detector)")
+    p.add_argument("--realism", choices=["none", "fluoro"], default="none",
+                   help="none: clean bone DRRs (bone bright); fluoro: simulated fluoroscopy (bone dark)")
+    p.add_argument("--max-flexion", type=float, default=60.0, help="flexion at the last frame, degrees")
+    p.add_argument("--labelmap", help="label map (NRRD/NIfTI/...) with femur and tibia labels")
+    p.add_argument("--femur-label", type=int, default=5)
+    p.add_argument("--tibia-label", type=int, default=6)
+    p.add_argument("--femur", help="femur surface mesh (STL/VTK/VTP/PLY/OBJ)")
+    p.add_argument("--tibia", help="tibia surface mesh")
+    p.add_argument("--mesh-space", choices=["auto", "RAS", "LPS"], default="auto",
+                   help="coordinate system of the meshes (auto: the file header, else RAS)")
+    p.add_argument("--units", choices=["mm", "m"], default="mm", help="units of the meshes")
+    p.set_defaults(func=_run_simulate)
+
+
+def _run_simulate(args):
+    from .simulate import simulate_sequence
+
+    info = simulate_sequence(args.out, n_frames=args.frames, seed=args.seed, realism=args.realism,
+                             image_size=args.size, labelmap=args.labelmap, femur_label=args.femur_label,
+                             tibia_label=args.tibia_label, femur_mesh=args.femur, tibia_mesh=args.tibia,
+                             mesh_coordinate_system=args.mesh_space, mesh_units=args.units,
+                             max_flexion_deg=args.max_flexion)
+    print(f"wrote {info['n_frames']} {info['realism']} frames of {info['subject']} to {args.out} "
+          f"in {info['seconds']:.1f} s")
+
+
+def _add_evaluate(sub):
+    p = sub.add_parser("evaluate", help="compare estimated poses with the truth",
+                       description="Per-bone in-plane / out-of-plane translation error of the bone centroid (mm), "
+                                   "geodesic rotation error (deg) and success rate (in-plane < 1 mm).")
+    p.add_argument("--poses", required=True, help="registration output folder (poses.csv or {bone}.jts) or a CSV")
+    p.add_argument("--truth", required=True, help="truth folder (DIR/truth of a simulation)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args):
+    from .evaluate import evaluate_files, format_table
+
+    summary = evaluate_files(args.poses, args.truth)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=float))
+    else:
+        print(format_table(summary))
+
+
+def add_register_arguments(p):
+    p.add_argument("--frames", required=True, help="folder or glob of frames (TIFF/PNG/DICOM), or a multi-frame file")
+    p.add_argument("--calibration", required=True,
+                   help="C-arm calibration: JointTrack JT_INTCALIB, Autoscoper mayaCam, DICOM, or our JSON")
+    p.add_argument("--femur", help="femur surface mesh (STL/VTK/VTP/PLY/OBJ)")
+    p.add_argument("--tibia", help="tibia surface mesh")
+    p.add_argument("--mesh-space", choices=["auto", "RAS", "LPS"], default="auto",
+                   help="coordinate system of the meshes (auto: the file header, else RAS)")
+    p.add_argument("--units", choices=["mm", "m"], default="mm", help="units of the meshes")
+    p.add_argument("--ct", help="CT volume (HU) for density; with --labels")
+    p.add_argument("--labels", help="label map / segmentation volume on the CT grid")
+    p.add_argument("--femur-label", type=int, default=None)
+    p.add_argument("--tibia-label", type=int, default=None)
+    p.add_argument("--init-femur", help="pose file (.jts/.tra/.csv) for the femur: one row starts frame 0, "
+                                        "one row per frame starts each frame")
+    p.add_argument("--init-tibia", help="pose file for the tibia (as --init-femur)")
+    p.add_argument("--translation", choices=["none", "bundled"], default="none",
+                   help="translate frames to DRR-like images with the bundled networks first")
+    p.add_argument("--polarity", choices=["auto", "xray", "drr"], default="auto",
+                   help="frame polarity: xray = bone dark on bright (raw fluoroscopy), drr = bone bright")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--detector-size", type=int, default=256,
+                   help="finest detector size (pixels) used by the registration (default 256)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--pixel-spacing", type=float, default=None,
+                   help="detector pixel size (mm) for calibrations that lack it (mayaCam)")
+
+
+def _add_register(sub):
+    p = sub.add_parser("register", help="2D/3D registration of femur and tibia to every frame",
+                       description="Register femur and tibia to every frame with DiffDRR: automatic start on the "
+                                   "first frame, tracking through the sequence. Writes OUT/poses.csv, "
+                                   "OUT/{femur,tibia}.jts, OUT/{femur,tibia}.tra and OUT/report.json.")
+    add_register_arguments(p)
+    p.set_defaults(func=_run_register)
+
+
+def _run_register(args):
+    from .pipeline import register_command
+
+    register_command(args)
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="simulate a knee, register it, evaluate it (no data needed)",
+                       description="End to end on data made here: simulate a knee flexion sequence, register it "
+                                   "from an automatic start, evaluate against the truth, write a kinematics plot.")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--frames", type=int, default=12)
+    p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--realism", choices=["none", "fluoro"], default="none")
+    p.add_argument("--translation", choices=["none", "bundled"], default="none")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args):
+    from .pipeline import demo_command
+
+    demo_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fluoro2drr", description=__doc__.splitlines()[0])
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"fluoro2drr {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_demo(sub)
+    _add_simulate(sub)
+    _add_register(sub)
+    _add_evaluate(sub)
+    try:
+        from .translation.commands import add_train_parser, add_translate_parser
+    except ImportError:  # the translation package is optional for the geometry-only commands
+        pass
+    else:
+        add_translate_parser(sub)
+        add_train_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from .errors import InputError
+
+    try:
+        args.func(args)
+    except InputError as exc:
+        print(f"fluoro2drr: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fluoro2drr: interrupted; finished frames are on disk (use --resume to continue)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Fluoroscopy -> DRR-like translation with the bundled (or a user's) two-stage model.
+
+>>> tr = Translator.load()                 # Resources/Models, checksums verified
+>>> drr_like = tr.translate(frames)        # (N, H, W) any range -> (N, H, W) float32 in [0, 1]
+
+The output has the polarity and the fixed intensity map of ``fluoro_sim.clean_drr_target``
+(``exp(-summed bone line integral / 30)``: background 1, bone darker).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from .networks import UNetGenerator, build_stage2, pad_to_multiple
+
+WEIGHT_FILES = {"stage1": "stage1.pt", "stage2": "stage2.pt"}
+
+
+def model_dir_candidates() -> list[Path]:
+    """Source tree (``<repo>/Resources/Models``) and Slicer install (``<module>/Resources/Models``)."""
+    here = Path(__file__).resolve()
+    return [here.parents[3] / "Resources" / "Models", here.parents[2] / "Resources" / "Models"]
+
+
+def find_model_dir() -> Path:
+    for d in model_dir_candidates():
+        if (d / "models.json").is_file():
+            return d
+    raise InputError("translation model", "no models.json found in " +
+                     " or ".join(str(d) for d in model_dir_candidates()) +
+                     "; train one with 'fluoro2drr train' or pass model_dir")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pick_device(device):
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("device", f"{device} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def _load_weights(model_dir: Path, info: dict, name: str):
+    entry = (info.get("models") or {}).get(name)
+    if entry is None:
+        raise InputError(model_dir / "models.json", f"lists no {name} model")
+    path = model_dir / entry.get("file", WEIGHT_FILES[name])
+    if not path.is_file():
+        raise InputError(path, f"{name} weights file is missing")
+    digest = _sha256(path)
+    if digest != entry.get("sha256"):
+        raise InputError(path, f"checksum mismatch (sha256 {digest[:12]}..., models.json expects "
+                               f"{str(entry.get('sha256'))[:12]}...): the file is corrupt or was replaced")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(path, f"cannot read {name} weights ({exc})") from exc
+    arch = blob["arch"]
+    if name == "stage1":
+        net = UNetGenerator(**arch["kwargs"])
+    else:
+        net = build_stage2(arch["class"], **arch["kwargs"])
+    try:
+        net.load_state_dict(blob["state_dict"])
+    except RuntimeError as exc:
+        raise InputError(path, f"weights do not fit the {arch['class']} architecture ({exc})") from exc
+    return net.eval(), blob
+
+
+class Translator:
+    """Two-stage fluoroscopy-to-DRR translator (stage 1 U-Net generator, stage 2 restorer)."""
+
+    def __init__(self, stage1, stage2=None, image_size: int = 256, percentiles=(0.5, 99.5),
+                 device="cpu", info=None):
+        self.stage1, self.stage2 = stage1, stage2
+        self.image_size = int(image_size)
+        self.percentiles = tuple(percentiles)
+        self.device = torch.device(device)
+        self.info = info or {}
+
+    @classmethod
+    def load(cls, model_dir=None, device="auto", stage="both") -> "Translator":
+        """Load ``stage1.pt`` / ``stage2.pt`` listed (with sha256) in ``models.json``.
+
+        ``stage``: ``"both"`` (default: stage 1 then stage 2, as trained), ``"1"`` (stage 1 only) or
+        ``"2"`` (stage 2 only, on the normalised frame: a diagnostic / ablation, not what it was
+        trained on).
+        """
+        stage = str(stage)
+        if stage not in ("1", "2", "both"):
+            raise InputError("stage", f"must be 1, 2 or both, not {stage!r}")
+        model_dir = Path(model_dir) if model_dir is not None else find_model_dir()
+        mj = model_dir / "models.json"
+        if not mj.is_file():
+            raise InputError(mj, "models.json is missing (it lists the weights and their checksums)")
+        try:
+            info = json.loads(mj.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(mj, f"not valid JSON ({exc})") from exc
+        dev = _pick_device(device)
+        torch.set_flush_denormal(True)
+        s1 = _load_weights(model_dir, info, "stage1")[0].to(dev) if stage in ("1", "both") else None
+        s2 = None
+        if stage in ("2", "both"):
+            s2, _ = _load_weights(model_dir, info, "stage2")
+            s2 = s2.to(dev)
+        return cls(s1, s2, info.get("image_size", 256),
+                   info.get("normalize_percentiles", (0.5, 99.5)), dev, info)
+
+    # ----------------------------------------------------------------------------------
+    def _prepare(self, frames) -> np.ndarray:
+        arr = np.asarray(frames)
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.ndim != 3:
+            raise InputError("frames", f"expected (N, H, W) or (H, W) frames, got shape {arr.shape}")
+        if arr.shape[0] == 0 or min(arr.shape[1:]) < 8:
+            raise InputError("frames", f"no usable frames (shape {arr.shape})")
+        if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+            raise InputError("frames", f"frames must be real numbers, not {arr.dtype}")
+        arr = arr.astype(np.float32, copy=False)
+        bad = ~np.isfinite(arr).all(axis=(1, 2))
+        if bad.any():
+            raise InputError("frames", f"frame(s) {np.flatnonzero(bad)[:10].tolist()} contain NaN or inf")
+        return arr
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        step = max(1, flat.shape[1] // 262144)
+        q = torch.quantile(flat[:, ::step], torch.tensor([self.percentiles[0] / 100, self.percentiles[1] / 100],
+                                                         device=x.device), dim=1)
+        lo, hi = q[0].view(-1, 1, 1, 1), q[1].view(-1, 1, 1, 1)
+        return ((x - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+
+    def translate(self, frames, batch: int = 8, progress=None, stage=None) -> np.ndarray:
+        """``(N, H, W)`` (or ``(H, W)``) frames, any range -> ``(N, H, W)`` float32 in [0, 1].
+
+        ``progress``: optional callable ``progress(done, total)``. ``stage``: ``"1"`` to stop after
+        stage 1 even when stage 2 is loaded.
+        """
+        arr = self._prepare(frames)
+        n, h, w = arr.shape
+        out = np.empty((n, h, w), np.float32)
+        use_s1 = self.stage1 is not None and str(stage) != "2"
+        use_s2 = self.stage2 is not None and str(stage) != "1"
+        if not (use_s1 or use_s2):
+            raise InputError("stage", f"stage {stage} was not loaded")
+        mult = max(2 ** self.stage1.depth if use_s1 else 1, getattr(self.stage2, "multiple", 1) if use_s2 else 1)
+        s = self.image_size
+        # keep the aspect ratio: the longer side -> image_size, padded to the network multiple
+        scale = s / max(h, w)
+        wh = (max(8, round(h * scale)), max(8, round(w * scale)))
+        amp = self.device.type == "cuda"
+        with torch.inference_mode():
+            for i in range(0, n, max(1, int(batch))):
+                x = torch.from_numpy(arr[i:i + batch]).to(self.device)[:, None]
+                x = self._normalize(x)
+                x = F.interpolate(x, size=wh, mode="bilinear", antialias=True, align_corners=False)
+                xp, (hh, ww) = pad_to_multiple(x, mult)
+                with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                    y = self.stage1(xp)[0] if use_s1 else xp
+                    if use_s2:
+                        y = self.stage2(y)
+                y = y[..., :hh, :ww].float().clamp(0, 1)
+                y = F.interpolate(y, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+                out[i:i + batch] = y[:, 0].clamp(0, 1).cpu().numpy()
+                if progress is not None:
+                    progress(min(i + batch, n), n)
+        return out
