@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -134,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"fluoro2drr {__version__}")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: FLUORO2DRR_THREADS or all cores; use 1 when "
+                             "other jobs share the CPU: oversubscribed threads are many times slower)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo(sub)
     _add_simulate(sub)
@@ -157,6 +161,11 @@ def main(argv=None) -> int:
         return 2
     from .errors import InputError
 
+    threads = args.threads or int(os.environ.get("FLUORO2DRR_THREADS", "0") or 0)
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         args.func(args)
     except InputError as exc:

@@ -106,6 +106,7 @@ class FluoroEffects:
     n_sensors: tuple = (0, 3)
     # output
     saturation_on: bool = True
+    saturation_level: tuple = (0.8, 1.0)  # camera / II output saturates at this level (then rescaled)
     quantize_on: bool = True
 
     @classmethod
@@ -308,7 +309,8 @@ def simulate_fluoroscopy(bone_line_integrals: np.ndarray, rng: np.random.Generat
     if eff.electronic_noise_on:
         img = img + rng.normal(0, _u(rng, eff.electronic_sigma) * strength, img.shape)
     if eff.saturation_on:
-        img = np.clip(img, 0, 1)
+        lvl = 1.0 - (1.0 - _u(rng, eff.saturation_level)) * min(max(strength, 0.0), 1.0)
+        img = np.clip(img, 0, lvl) / lvl
     img = np.clip(img, 0, None) ** gamma if gamma != 1.0 else img
     if eff.distortion_on:
         img = _pincushion(img.astype(np.float32), _u(rng, eff.pincushion_k) * strength, float(img.mean()))

@@ -90,7 +90,7 @@ def patch_ncc(fixed: torch.Tensor, moving: torch.Tensor, patch: int = 9, mask=No
     """Local NCC in ``patch`` x ``patch`` windows (odd; stride 1), averaged over valid pixels -> (B,).
 
     Window statistics are mask-weighted; each window's NCC is weighted by the mask at its centre and
-    by ``var_f / (var_f + FLAT_PATCH_FRACTION * global var_f)`` (windows where the fixed image is
+    by ``v^2 / (v^2 + (FLAT_PATCH_FRACTION * global var_f)^2)`` with ``v`` the window's fixed variance (windows where the fixed image is
     flat hardly count). ``eps`` is relative to the global variances, so the metric is invariant to
     ``a * x + b`` of either image.
     """
@@ -116,7 +116,8 @@ def patch_ncc(fixed: torch.Tensor, moving: torch.Tensor, patch: int = 9, mask=No
     scale = (gvf.expand(batch) * gvm.expand(batch)).clamp_min(1e-30).view(-1, 1, 1, 1)
     local = cov / torch.sqrt(vf * vm + (eps ** 2) * scale)
     gvf_b = gvf.clamp_min(1e-30).view(-1, 1, 1, 1)
-    weight = (w * (sw_local > 1e-6) * (vf / (vf + FLAT_PATCH_FRACTION * gvf_b))).detach()
+    flat = (FLAT_PATCH_FRACTION * gvf_b) ** 2
+    weight = (w * (sw_local > 1e-6) * (vf * vf / (vf * vf + flat))).detach()
     weight = weight.expand(batch, -1, -1, -1)
     local = local.expand(batch, -1, -1, -1)
     return (weight * local).sum((1, 2, 3)) / weight.sum((1, 2, 3)).clamp_min(1e-12)

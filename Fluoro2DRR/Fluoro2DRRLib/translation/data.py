@@ -256,3 +256,40 @@ class SimulatedPairDataset(Dataset):
             x = x[:, r:r + self.crop, c:c + self.crop]
         x = torch.from_numpy(np.ascontiguousarray(x))
         return x[0:1], x[1:2], x[2:3]
+
+
+class PairedDRRDataset(Dataset):
+    """Real frames paired with bone-only DRR targets rendered at known poses (fine-tuning data).
+
+    ``frames``: (N, H, W) array; ``geometry``: the frames' CArmGeometry; ``bones``: [femur, tibia]
+    BoneModels; ``poses``: dict name -> (N, 4, 4) ``world_from_bone``. Frames whose pose is NaN are
+    skipped. Targets are ``clean_drr_target`` of the summed DRR line integrals rendered on a
+    ``size``-pixel-wide copy of the geometry. Yields (frame (H, W), target (h, w), mask (h, w)).
+    """
+
+    def __init__(self, frames, geometry, bones, poses: dict, size: int = 256, mask_threshold: float = 2.0):
+        from ..render import TwoBoneRenderer
+
+        frames = np.asarray(frames, dtype=np.float32)
+        names = [b.name for b in bones]
+        stacked = np.stack([np.asarray(poses[n], dtype=float) for n in names], 1)  # (N, 2, 4, 4)
+        if len(stacked) != len(frames):
+            from ..errors import InputError
+            raise InputError("poses", f"{len(stacked)} poses for {len(frames)} frames")
+        ok = np.isfinite(stacked).all(axis=(1, 2, 3))
+        self.frames = frames[ok]
+        g = geometry.resized(size)
+        renderer = TwoBoneRenderer(g, list(bones))
+        targets, masks = [], []
+        with torch.inference_mode():
+            for k in np.flatnonzero(ok):
+                li = renderer(torch.as_tensor(stacked[k:k + 1], dtype=torch.float32))[0].numpy()
+                targets.append(clean_drr_target(li))
+                masks.append(bone_mask_from_line_integrals(li, mask_threshold).astype(np.float32))
+        self.targets, self.masks = targets, masks
+
+    def __len__(self):
+        return len(self.frames)
+
+    def __getitem__(self, i):
+        return self.frames[i], self.targets[i], self.masks[i]

@@ -35,7 +35,8 @@ class _DoubleConv(nn.Sequential):
 class UNetGenerator(nn.Module):
     """U-Net: ``depth`` stride-2 downsamplings, channels ``base * 2**level`` (capped at ``max_ch``).
 
-    ``forward(x (B,1,H,W) in [0,1]) -> (image (B,1,H,W) in [0,1], mask_logit (B,1,H,W))``.
+    ``forward(x (B,1,H,W) in [0,1]) -> (image (B,1,H,W) in [0,1], mask_logit (B,1,H,W))``; the image
+    head is linear with a straight-through clamp to [0, 1].
     H and W must be multiples of ``2**depth`` (the caller pads).
     """
 
@@ -52,6 +53,8 @@ class UNetGenerator(nn.Module):
             nn.ConvTranspose2d(ch[i + 1], ch[i], 2, stride=2) for i in reversed(range(depth)))
         self.decs = nn.ModuleList(_DoubleConv(2 * ch[i], ch[i]) for i in reversed(range(depth)))
         self.head = nn.Conv2d(ch[0], 2, 1)
+        with torch.no_grad():  # start from "all background" (white, no bone): most target pixels
+            self.head.bias.copy_(torch.tensor([1.0, -2.0]))
 
     def forward(self, x):
         skips = [self.inc(x)]
@@ -61,7 +64,11 @@ class UNetGenerator(nn.Module):
         for up, dec in zip(self.ups, self.decs):
             h = dec(torch.cat([up(h), skips.pop()], dim=1))
         out = self.head(h)
-        return torch.sigmoid(out[:, :1]), out[:, 1:2]
+        img = out[:, :1]
+        # straight-through clamp: values in [0, 1], gradients as if linear (a sigmoid saturates
+        # exactly where most target pixels are: the white background at 1.0)
+        img = img + (img.clamp(0, 1) - img).detach()
+        return img, out[:, 1:2]
 
 
 class PatchDiscriminator(nn.Module):

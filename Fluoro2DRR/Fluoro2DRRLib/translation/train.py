@@ -317,6 +317,8 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
                        disable=not progress, mininterval=5)
             run = {}
             for _step in bar:
+                if budget_over("stage1", t0):
+                    break
                 f, t, m = (z.to(dev) for z in next(it))
                 has_mask = bool((m >= 0).all())
                 pred, logit = g(f)
@@ -356,11 +358,13 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
     stage2_trained = n_ep2 > 0
     if stage2_trained:
         t0 = time.time()
-        frames = torch.stack([train_ds.frames_tensor(i) for i in range(len(train_ds))])
+        n_in = min(len(train_ds), int(s2c.get("n_train_inputs") or len(train_ds)))
+        frames = torch.stack([train_ds.frames_tensor(i) for i in range(n_in)])
         s1_out = run_stage1(frames.to(dev)).cpu().numpy()[:, 0]
         s2_ds = SimulatedPairDataset(tr_cache, augment=True, crop=s2c["crop"], seed=cfg["seed"] + 1,
                                      normalize=None)
         s2_ds.frames, s2_ds._scale = np.round(s1_out * 65535).astype(np.uint16), (65535.0, 65535.0)
+        s2_ds.targets, s2_ds.masks = s2_ds.targets[:n_in], s2_ds.masks[:n_in]
         paired_s2 = None
         if paired is not None:
             pw = _PairedWrapper(paired, size, pct)
@@ -395,6 +399,8 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
                            disable=not progress, mininterval=5)
                 run = {}
                 for _step in bar:
+                    if budget_over("stage2", t0):
+                        break
                     x, t, m = (z.to(dev) for z in next(it))
                     pred = s2(x)
                     has_mask = bool((m >= 0).all())

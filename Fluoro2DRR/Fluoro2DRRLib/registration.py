@@ -1,0 +1,514 @@
+"""Two-bone 2D/3D registration with DiffDRR: automatic start, coarse-to-fine refinement, tracking.
+
+For each frame we look for ``world_from_bone`` of femur and tibia such that the sum of their DRRs
+matches the frame (brought to line-integral polarity). One 12-DOF problem: both bones' DRRs are
+channels of one render and are summed, so overlapping bones are explained together.
+
+Pose update per bone, about the bone's own centre ``c`` (world, at the start pose ``P0``)::
+
+    world_from_bone = T(c + v) R(w) T(-c) P0          w: axis-angle (rad), v: translation (mm)
+
+Levels: detector widths (e.g. 64, 128, 256) with the volumes box-averaged to match; many cheap
+iterations at the coarse level, few at the fine one, each level stopping when the pose stops moving.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .bones import BoneModel
+from .errors import InputError
+from .geometry import CArmGeometry, apply_transform
+from .metrics import gradient_ncc, ncc
+from .render import TwoBoneRenderer, resolve_device
+
+BONES = ("femur", "tibia")
+_DEBUG = bool(__import__("os").environ.get("FLUORO2DRR_DEBUG"))
+
+
+@dataclass
+class RegistrationSettings:
+    detector_sizes: tuple[int, ...] = (64, 128, 256)
+    voxel_mm: tuple[float, ...] = (2.4, 1.2, 1.2)  # bone volume resolution per level
+    start_iterations: tuple[int, ...] = (80, 40, 15)  # first frame / re-initialised frames
+    track_iterations: tuple[int, ...] = (20, 12, 4)  # tracked frames start close
+    lr_rotation_deg: tuple[float, ...] = (1.5, 0.5, 0.2)
+    lr_translation_mm: tuple[float, ...] = (2.0, 0.6, 0.25)
+    stop_translation_mm: float = 0.02  # per-iteration pose change below which a level stops
+    stop_rotation_deg: float = 0.02
+    stop_patience: int = 4
+    renderer: str = "trilinear"
+    optimizer: str = "lbfgs"  # "lbfgs" (strong-Wolfe line search) or "adam"
+    rotation_scale_mm: float = 50.0  # lbfgs works on (w * this, v): radians at a lever arm of 50 mm ~ mm
+    # automatic start
+    auto_rotation_grid_deg: float = 15.0
+    auto_depth_offsets_mm: tuple[float, ...] = (-50.0, -25.0, 0.0, 25.0, 50.0)
+    auto_candidates: int = 3  # best coarse candidates per bone refined jointly
+    # tracking
+    reinit_similarity_drop: float = 0.15  # relative drop against the running median marks a frame
+    max_jump_mm: float = 25.0
+    max_jump_deg: float = 20.0
+    min_similarity: float = 0.5  # below this a frame is not "converged"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FrameResult:
+    frame: int
+    poses: dict[str, np.ndarray]
+    similarity: float
+    iterations: int
+    converged: bool
+    reinitialised: bool
+    seconds: float
+    note: str = ""
+
+    def quality(self) -> dict:
+        return {"frame": self.frame, "similarity": round(float(self.similarity), 5), "iterations": self.iterations,
+                "converged": bool(self.converged), "reinitialised": bool(self.reinitialised),
+                "seconds": round(self.seconds, 3), "note": self.note}
+
+
+@dataclass
+class SequenceResult:
+    poses: dict[str, np.ndarray]
+    quality: list[dict] = field(default_factory=list)
+
+
+# ---- small SE(3) helpers in torch ---------------------------------------------------------------
+def _skew(w: torch.Tensor) -> torch.Tensor:
+    zero = torch.zeros_like(w[..., 0])
+    return torch.stack([torch.stack([zero, -w[..., 2], w[..., 1]], -1),
+                        torch.stack([w[..., 2], zero, -w[..., 0]], -1),
+                        torch.stack([-w[..., 1], w[..., 0], zero], -1)], -2)
+
+
+def rotation_from_axis_angle(w: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.matrix_exp(_skew(w))
+
+
+def compose_update(start: torch.Tensor, centre: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """start (B, K, 4, 4), centre (B, K, 3), w/v (B, K, 3) -> T(c + v) R(w) T(-c) start."""
+    rot = rotation_from_axis_angle(w)
+    t = centre + v - (rot @ centre.unsqueeze(-1)).squeeze(-1)
+    upd = torch.zeros_like(start)
+    upd[..., :3, :3] = rot
+    upd[..., :3, 3] = t
+    upd[..., 3, 3] = 1.0
+    return upd @ start
+
+
+def _rotation_deg(a: np.ndarray, b: np.ndarray) -> float:
+    r = a[:3, :3] @ b[:3, :3].T
+    return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1, 1))))
+
+
+# ---- the image side -----------------------------------------------------------------------------
+def prepare_frame(frame: np.ndarray, polarity: str = "auto") -> tuple[np.ndarray, np.ndarray, dict]:
+    """(line-integral-polarity image, field-of-view mask, info) at the frame's own resolution."""
+    from .metrics import field_of_view_mask
+    from .polarity import to_line_integral
+
+    frame = np.asarray(frame, dtype=np.float32)
+    if frame.ndim != 2:
+        raise InputError("frame", f"expected a 2-D image, got shape {frame.shape}")
+    if not np.all(np.isfinite(frame)):
+        raise InputError("frame", "contains NaN or infinite values")
+    fov = np.asarray(field_of_view_mask(frame), dtype=np.float32)
+    image, info = to_line_integral(frame, polarity=polarity, fov_mask=fov)
+    return np.asarray(image, np.float32), fov, info
+
+
+def _downsample(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(1, 1, H, W) -> (1, 1, h, w) by area averaging (antialiased)."""
+    if tuple(image.shape[-2:]) == (size[1], size[0]):
+        return image
+    return F.interpolate(image, size=(size[1], size[0]), mode="bilinear", antialias=True, align_corners=False)
+
+
+def similarity(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """0.5 global NCC + 0.5 gradient NCC: higher is better, 1 is perfect.
+
+    Global NCC gives the wide, smooth basin; gradient NCC the sharp peak at the edges. Patch NCC (as in
+    xvr) was measured to be jagged on bone DRRs (mostly flat windows) and is left out of the objective.
+    """
+    return 0.5 * ncc(fixed, moving, mask=mask) + 0.5 * gradient_ncc(fixed, moving, mask=mask)
+
+
+class Registrar:
+    """Holds the renderers of every level for one set of bones and one C-arm; registers frames."""
+
+    def __init__(self, geometry: CArmGeometry, bones: dict[str, BoneModel], settings: RegistrationSettings | None = None,
+                 device: str = "auto"):
+        self.settings = settings or RegistrationSettings()
+        self.device = resolve_device(device)
+        self.geometry = geometry
+        self.names = [n for n in BONES if n in bones]
+        if not self.names:
+            raise InputError("bones", "no femur or tibia model given")
+        self.bones = bones
+        s = self.settings
+        self.levels = []
+        for size, voxel in zip(s.detector_sizes, s.voxel_mm):
+            g = geometry.resized(size)
+            level_bones = [bones[n].resampled(voxel) for n in self.names]
+            self.levels.append(TwoBoneRenderer(g, level_bones, s.renderer, device=self.device))
+        self.centroids_bone = {n: bones[n].centroid_mm for n in self.names}
+
+    # -- helpers --
+    def _stack(self, poses: dict[str, np.ndarray]) -> torch.Tensor:
+        return torch.as_tensor(np.stack([poses[n] for n in self.names], 0)[None], dtype=torch.float32,
+                               device=self.device)
+
+    def _unstack(self, t: torch.Tensor, b: int = 0) -> dict[str, np.ndarray]:
+        arr = t[b].detach().cpu().double().numpy()
+        return {n: arr[i] for i, n in enumerate(self.names)}
+
+    def _centres(self, poses: torch.Tensor) -> torch.Tensor:
+        c = torch.as_tensor(np.stack([self.centroids_bone[n] for n in self.names]), dtype=poses.dtype,
+                            device=poses.device)
+        return (poses[..., :3, :3] @ c.unsqueeze(-1)).squeeze(-1) + poses[..., :3, 3]
+
+    def fixed_levels(self, image: np.ndarray, fov: np.ndarray):
+        img = torch.as_tensor(image, dtype=torch.float32, device=self.device)[None, None]
+        msk = torch.as_tensor(fov, dtype=torch.float32, device=self.device)[None, None]
+        out = []
+        for r in self.levels:
+            size = (r.width, r.height)
+            m = (_downsample(msk, size) > 0.99).float()
+            out.append((_downsample(img, size), m))
+        return out
+
+    # -- local optimisation --
+    def refine(self, fixed_levels, start: torch.Tensor, iterations: tuple[int, ...],
+               levels: tuple[int, ...] | None = None) -> tuple[torch.Tensor, float, int, bool]:
+        """Adam over (w, v) per bone, coarse to fine. start: (B, K, 4, 4); returns the best of the batch."""
+        s = self.settings
+        levels = tuple(range(len(self.levels))) if levels is None else levels
+        poses = start.detach().clone()
+        total_iterations = 0
+        converged = True
+        for li in levels:
+            n_iter = iterations[li]
+            if n_iter <= 0:
+                continue
+            renderer = self.levels[li]
+            fixed, mask = fixed_levels[li]
+            centre = self._centres(poses).detach()
+            if s.optimizer == "lbfgs":
+                w, v, n_done, level_converged = self._lbfgs(renderer, fixed, mask, poses, centre, n_iter)
+            else:
+                w, v, n_done, level_converged = self._adam(renderer, fixed, mask, poses, centre, n_iter, li)
+            total_iterations += n_done
+            with torch.no_grad():
+                poses = compose_update(poses, centre, w, v)
+            if _DEBUG:
+                sim = float(self.score(fixed_levels, poses, li).max())
+                print(f"  level {li} ({renderer.width}px): {n_done} evaluations, similarity {sim:.4f}")
+            converged = level_converged or converged if li < levels[-1] else level_converged
+        with torch.no_grad():
+            renderer = self.levels[levels[-1]]
+            fixed, mask = fixed_levels[levels[-1]]
+            sims = similarity(fixed, renderer(poses).sum(1, keepdim=True), mask)
+            best = int(torch.argmax(sims))
+        return poses[best:best + 1], float(sims[best]), total_iterations, converged
+
+    def _lbfgs(self, renderer, fixed, mask, poses, centre, n_eval):
+        s = self.settings
+        x = torch.zeros(poses.shape[:-2] + (6,), device=self.device, requires_grad=True)
+        opt = torch.optim.LBFGS([x], lr=1.0, max_iter=n_eval, max_eval=n_eval, history_size=20,
+                                tolerance_grad=1e-7, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+        count = [0]
+
+        def closure():
+            opt.zero_grad()
+            current = compose_update(poses, centre, x[..., :3] / s.rotation_scale_mm, x[..., 3:])
+            loss = -similarity(fixed, renderer(current).sum(1, keepdim=True), mask).sum()
+            loss.backward()
+            count[0] += 1
+            return loss
+
+        opt.step(closure)
+        x = x.detach()
+        return x[..., :3] / s.rotation_scale_mm, x[..., 3:], count[0], count[0] < n_eval
+
+    def _adam(self, renderer, fixed, mask, poses, centre, n_iter, li):
+        s = self.settings
+        w = torch.zeros(poses.shape[:-2] + (3,), device=self.device, requires_grad=True)
+        v = torch.zeros_like(w, requires_grad=True)
+        opt = torch.optim.Adam([{"params": [w], "lr": math.radians(s.lr_rotation_deg[li])},
+                                {"params": [v], "lr": s.lr_translation_mm[li]}])
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(n_iter, 1), eta_min=0.0)
+        still = 0
+        prev_w, prev_v = w.detach().clone(), v.detach().clone()
+        it = 0
+        for it in range(n_iter):
+            opt.zero_grad()
+            current = compose_update(poses, centre, w, v)
+            loss = -similarity(fixed, renderer(current).sum(1, keepdim=True), mask).sum()
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                dw = math.degrees(float((w - prev_w).norm(dim=-1).max()))
+                dv = float((v - prev_v).norm(dim=-1).max())
+                prev_w.copy_(w)
+                prev_v.copy_(v)
+            still = still + 1 if (dw < s.stop_rotation_deg and dv < s.stop_translation_mm) else 0
+            if still >= s.stop_patience:
+                return w.detach(), v.detach(), it + 1, True
+        return w.detach(), v.detach(), it + 1, False
+
+    def score(self, fixed_levels, poses: torch.Tensor, level: int) -> torch.Tensor:
+        with torch.no_grad():
+            fixed, mask = fixed_levels[level]
+            return similarity(fixed, self.levels[level](poses).sum(1, keepdim=True), mask)
+
+    # -- automatic start --
+    def auto_start(self, fixed_levels, default: dict[str, np.ndarray]) -> torch.Tensor:
+        """From a rough default pose: per bone, a grid over rotations and depths, each placed in-plane by
+        normalised cross-correlation of its coarse DRR with the frame; the best candidates are then
+        refined jointly (both bones) and the best result kept."""
+        s = self.settings
+        renderer = self.levels[0]
+        fixed, mask = fixed_levels[0]
+        g = renderer.geometry
+        beam = torch.as_tensor(g.beam_direction_world, dtype=torch.float32, device=self.device)
+        start = self._stack(default)  # (1, K, 4, 4)
+        centres = self._centres(start)[0]  # (K, 3)
+        a = s.auto_rotation_grid_deg
+        angles = [(rx, ry, rz) for rx in (-a, 0.0, a) for ry in (-a, 0.0, a) for rz in (-a, -a / 2, 0.0, a / 2, a)]
+        w_grid = torch.tensor(np.radians(angles), dtype=torch.float32, device=self.device)  # (R, 3) world axes
+        per_bone_candidates = []
+        for k, name in enumerate(self.names):
+            cands = []
+            for depth in s.auto_depth_offsets_mm:
+                n = len(w_grid)
+                base = start[:, k:k + 1].expand(n, 1, 4, 4)
+                c = centres[k].expand(n, 1, 3)
+                v = (beam * depth).expand(n, 1, 3)
+                poses_k = compose_update(base, c, w_grid[:, None], v)
+                with torch.no_grad():
+                    drr = self._render_single(renderer, k, poses_k)  # (R, 1, h, w)
+                scores, shifts = _ncc_search(fixed, mask, drr)
+                for r in range(n):
+                    cands.append((float(scores[r]), poses_k[r, 0], shifts[r]))
+            cands.sort(key=lambda c: -c[0])
+            chosen = []
+            for score, pose, (dy, dx) in cands[: s.auto_candidates]:
+                chosen.append(_shift_in_plane(pose, dx, dy, g, self.device))
+            per_bone_candidates.append(chosen)
+        # combine the k-th best of each bone (few joint candidates), refine all together, keep the best
+        n_c = min(len(c) for c in per_bone_candidates)
+        joint = torch.stack([torch.stack([per_bone_candidates[k][j] for k in range(len(self.names))])
+                             for j in range(n_c)])  # (n_c, K, 4, 4)
+        return joint
+
+    def _render_single(self, renderer: TwoBoneRenderer, k: int, poses_k: torch.Tensor) -> torch.Tensor:
+        """Render bone k alone: poses_k (B, 1, 4, 4) -> (B, 1, h, w)."""
+        far = torch.eye(4, device=self.device).expand(poses_k.shape[0], len(self.names), 4, 4).clone()
+        far[:, :, 2, 3] = 1e6  # other bones far behind the source: outside every ray
+        far[:, k] = poses_k[:, 0]
+        return renderer(far)[:, k:k + 1]
+
+    # -- one frame --
+    def register_frame(self, frame_image: np.ndarray, fov: np.ndarray, start: dict[str, np.ndarray],
+                       auto: bool, tracking: bool) -> tuple[dict[str, np.ndarray], float, int, bool]:
+        fl = self.fixed_levels(frame_image, fov)
+        s = self.settings
+        if auto:
+            candidates = self.auto_start(fl, start)
+            iters = s.start_iterations
+        else:
+            candidates = self._stack(start)
+            iters = s.track_iterations if tracking else s.start_iterations
+        best, sim, n_it, conv = self.refine(fl, candidates, iters)
+        return self._unstack(best), sim, n_it, conv
+
+
+def _ncc_search(fixed: torch.Tensor, mask: torch.Tensor, templates: torch.Tensor):
+    """Best normalised cross-correlation of each template (cropped to its support) over in-plane shifts.
+
+    fixed (1, 1, H, W); templates (R, 1, H, W). Returns scores (R,) and (dy, dx) pixel shifts that move the
+    template onto the frame.
+    """
+    fixed = fixed * mask
+    R = templates.shape[0]
+    support = templates.sum(0)[0] > 1e-3 * templates.max()
+    if not support.any():
+        return torch.full((R,), -1.0), [(0, 0)] * R
+    rows = torch.nonzero(support.any(1)).squeeze(-1)
+    cols = torch.nonzero(support.any(0)).squeeze(-1)
+    r0, r1, c0, c1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+    tmpl = templates[:, :, r0:r1, c0:c1]
+    th, tw = tmpl.shape[-2:]
+    tmpl = tmpl - tmpl.mean(dim=(-1, -2), keepdim=True)
+    tmpl = tmpl / (tmpl.flatten(1).norm(dim=1).view(R, 1, 1, 1) + 1e-8)
+    pad_y, pad_x = th // 2, tw // 2
+    padded = F.pad(fixed, (pad_x, pad_x, pad_y, pad_y))
+    num = F.conv2d(padded, tmpl)  # (1, R, oh, ow)
+    ones = torch.ones(1, 1, th, tw, device=fixed.device)
+    local_sum = F.conv2d(padded, ones)
+    local_sq = F.conv2d(padded ** 2, ones)
+    local_var = (local_sq - local_sum ** 2 / (th * tw)).clamp_min(1e-8)
+    score = num / local_var.sqrt()
+    flat = score[0].flatten(1)
+    best, idx = flat.max(dim=1)
+    ow = score.shape[-1]
+    shifts = []
+    for i in idx.tolist():
+        y, x = divmod(i, ow)
+        # output (y, x) places the template's top-left at padded (y, x) = frame (y - pad_y, x - pad_x)
+        shifts.append((y - pad_y - r0, x - pad_x - c0))
+    return best, shifts
+
+
+def _shift_in_plane(pose: torch.Tensor, dx_px: float, dy_px: float, g: CArmGeometry, device) -> torch.Tensor:
+    """Move a bone so that its projection moves by (dx, dy) pixels, keeping its depth."""
+    p = pose.detach().cpu().double().numpy()
+    centre = p[:3, 3]
+    col_row = g.project(centre[None])[0]
+    target_px = col_row + np.array([dx_px, dy_px])
+    ray_end = g.pixel_to_world(target_px[None])[0]
+    src = g.source_position_world
+    depth = np.dot(centre - src, g.beam_direction_world)
+    ray = ray_end - src
+    new_centre = src + ray * depth / np.dot(ray, g.beam_direction_world)
+    out = p.copy()
+    out[:3, 3] += new_centre - centre
+    return torch.as_tensor(out, dtype=torch.float32, device=device)
+
+
+# ---- default pose ---------------------------------------------------------------------------------
+def default_pose(geometry: CArmGeometry, bone: BoneModel, bone_from_view: np.ndarray | None = None) -> np.ndarray:
+    """A bone's centroid on the principal ray at the nominal patient distance, oriented by ``bone_from_view``
+    (default: the bone frame's axes aligned with a lateral view)."""
+    from .phantom import SOURCE_FROM_LATERAL_VIEW
+
+    depth = geometry.source_to_patient_mm or 0.85 * geometry.source_to_detector_mm
+    rot = SOURCE_FROM_LATERAL_VIEW if bone_from_view is None else np.linalg.inv(bone_from_view)
+    pose = geometry.world_from_source @ rot
+    c_world = apply_transform(pose, bone.centroid_mm[None])[0]
+    target = geometry.source_position_world + geometry.beam_direction_world * depth
+    pose = pose.copy()
+    pose[:3, 3] += target - c_world
+    return pose
+
+
+# ---- sequences ----------------------------------------------------------------------------------
+def _extrapolate(prev: np.ndarray, prev2: np.ndarray | None) -> np.ndarray:
+    if prev2 is None:
+        return prev
+    delta = prev @ np.linalg.inv(prev2)
+    out = delta @ prev
+    u, _, vt = np.linalg.svd(out[:3, :3])
+    out[:3, :3] = u @ vt
+    return out
+
+
+def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[str, BoneModel],
+                      init_poses: dict[str, np.ndarray] | None = None, translation: str = "none",
+                      device: str = "auto", settings: RegistrationSettings | None = None, progress=None,
+                      should_stop=None, polarity: str = "auto", start_frame: int = 0,
+                      previous: dict[str, np.ndarray] | None = None, registrar: Registrar | None = None,
+                      on_frame=None) -> SequenceResult:
+    """Register every frame. ``init_poses``: name -> (1, 4, 4) (first frame) or (N, 4, 4) (every frame);
+    without it the first frame (and any lost frame) gets the automatic start from :func:`default_pose`.
+
+    ``progress(done, total, FrameResult)`` after each frame; ``should_stop()`` is checked between frames
+    (finished frames are returned); ``on_frame(FrameResult)`` lets callers write results frame by frame.
+    """
+    frames = np.asarray(frames, dtype=np.float32)
+    if frames.ndim == 2:
+        frames = frames[None]
+    if frames.ndim != 3:
+        raise InputError("frames", f"expected (N, H, W), got shape {frames.shape}")
+    n = len(frames)
+    if (frames.shape[2], frames.shape[1]) != tuple(geometry.image_size):
+        raise InputError("frames", f"frame size {frames.shape[2]}x{frames.shape[1]} disagrees with the calibration's "
+                                   f"{geometry.width}x{geometry.height}")
+    bad = [i for i in range(n) if not np.all(np.isfinite(frames[i]))]
+    if bad:
+        raise InputError("frames", f"frame {bad[0]} contains NaN or infinite values")
+    settings = settings or RegistrationSettings()
+    registrar = registrar or Registrar(geometry, bones, settings, device)
+    names = registrar.names
+    if translation == "bundled":
+        from .translation.inference import Translator
+
+        frames = Translator.load(device=device).translate(frames)
+        polarity = "drr"
+    elif translation != "none":
+        raise InputError("--translation", f"must be 'none' or 'bundled', not {translation!r}")
+
+    per_frame_init = None
+    first_init = None
+    if init_poses is not None:
+        arrays = {k: np.asarray(v, dtype=float).reshape(-1, 4, 4) for k, v in init_poses.items() if k in names}
+        if any(len(a) not in (1, n) for a in arrays.values()):
+            raise InputError("init poses", f"need 1 row or {n} rows (one per frame)")
+        if arrays and all(len(a) == n and n > 1 for a in arrays.values()):
+            per_frame_init = arrays
+        elif arrays:
+            first_init = {k: a[0] for k, a in arrays.items()}
+    defaults = {name: default_pose(geometry, bones[name]) for name in names}
+
+    poses = {name: np.full((n, 4, 4), np.nan) for name in names}
+    if previous is not None:
+        for name in names:
+            poses[name][:start_frame] = previous[name][:start_frame]
+    quality: list[dict] = []
+    sims: list[float] = []
+    for i in range(start_frame, n):
+        if should_stop is not None and should_stop():
+            break
+        t0 = time.time()
+        image, fov, _ = prepare_frame(frames[i], polarity)
+        have_prev = i > 0 and all(np.all(np.isfinite(poses[nm][i - 1])) for nm in names)
+        reinit = False
+        note = ""
+        if per_frame_init is not None:
+            start = {nm: per_frame_init[nm][i] for nm in names}
+            auto, tracking = False, False
+        elif have_prev:
+            prev2_ok = i > 1 and all(np.all(np.isfinite(poses[nm][i - 2])) for nm in names)
+            start = {nm: _extrapolate(poses[nm][i - 1], poses[nm][i - 2] if prev2_ok else None) for nm in names}
+            auto, tracking = False, True
+        elif first_init is not None and i == start_frame:
+            start = {nm: first_init.get(nm, defaults[nm]) for nm in names}
+            auto, tracking = not all(nm in first_init for nm in names), False
+        else:
+            start = defaults
+            auto, tracking = True, False
+        result, sim, iters, conv = registrar.register_frame(image, fov, start, auto, tracking)
+        if tracking:
+            # a similarity drop or an implausible jump marks the frame and re-runs the automatic start
+            ref = float(np.median(sims[-5:])) if sims else sim
+            jump_mm = max(np.linalg.norm(result[nm][:3, 3] - poses[nm][i - 1][:3, 3]) for nm in names)
+            jump_deg = max(_rotation_deg(result[nm], poses[nm][i - 1]) for nm in names)
+            if (sim < ref * (1 - settings.reinit_similarity_drop) or jump_mm > settings.max_jump_mm
+                    or jump_deg > settings.max_jump_deg):
+                note = f"lost track (similarity {sim:.3f} vs {ref:.3f}, jump {jump_mm:.1f} mm {jump_deg:.1f} deg)"
+                r2, s2, it2, c2 = registrar.register_frame(image, fov, start, True, False)
+                iters += it2
+                reinit = True
+                if s2 > sim:
+                    result, sim, conv = r2, s2, c2
+        for nm in names:
+            poses[nm][i] = result[nm]
+        sims.append(sim)
+        fr = FrameResult(i, {nm: result[nm] for nm in names}, sim, iters, bool(conv and sim >= settings.min_similarity),
+                         reinit, time.time() - t0, note)
+        quality.append(fr.quality())
+        if on_frame is not None:
+            on_frame(fr)
+        if progress is not None:
+            progress(i + 1, n, fr)
+    return SequenceResult(poses=poses, quality=quality)

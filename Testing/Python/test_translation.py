@@ -1,0 +1,270 @@
+"""Fluoroscopy simulator and fluoroscopy-to-DRR translation (networks, losses, data, weights, CLI)."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from Fluoro2DRRLib.errors import InputError
+from Fluoro2DRRLib.fluoro_sim import (TARGET_LI_SCALE, FluoroEffects, bone_mask_from_line_integrals,
+                                      clean_drr_target, line_integrals_from_target, simulate_fluoroscopy)
+from Fluoro2DRRLib.translation import inference
+from Fluoro2DRRLib.translation.data import (Procedural2DKneeSource, SimulatedPairDataset, build_cache,
+                                            make_pair)
+from Fluoro2DRRLib.translation.losses import (GeneratorLoss, LPIPSLoss, StructurePerceptualLoss,
+                                              gradient_loss, ssim)
+from Fluoro2DRRLib.translation.networks import (PatchDiscriminator, UNetGenerator, build_stage2,
+                                                count_parameters)
+from Fluoro2DRRLib.translation.train import ncc
+
+MODEL_DIR = inference.model_dir_candidates()[0]
+HAVE_WEIGHTS = (MODEL_DIR / "models.json").is_file()
+needs_weights = pytest.mark.skipif(not HAVE_WEIGHTS, reason="bundled translation weights not present")
+
+
+@pytest.fixture(scope="module")
+def li():
+    return Procedural2DKneeSource().sample(np.random.default_rng(3), 128)
+
+
+# ------------------------------------------------------------------------------ simulator
+def test_all_effects_off_is_exactly_the_clean_map(li):
+    out = simulate_fluoroscopy(li, np.random.default_rng(0), FluoroEffects.none())
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, clean_drr_target(li))
+    np.testing.assert_allclose(clean_drr_target(li), np.exp(-li.sum(0) / TARGET_LI_SCALE), rtol=1e-6)
+    np.testing.assert_allclose(line_integrals_from_target(clean_drr_target(li)), li.sum(0), atol=1e-2)
+
+
+def test_clean_map_is_fixed_and_monotone():
+    ramp = np.linspace(0, 80, 50, dtype=np.float32)[None, None, :].repeat(2, 0)
+    t = clean_drr_target(ramp)[0]
+    assert t[0] == 1.0 and np.all(np.diff(t) < 0)
+    # no per-image normalisation: the same line integral maps to the same value in any image
+    assert clean_drr_target(np.full((1, 4, 4), 30.0))[0, 0] == pytest.approx(np.exp(-1.0), rel=1e-6)
+
+
+@pytest.mark.parametrize("switch", [f.name for f in fields(FluoroEffects) if f.name.endswith("_on")])
+def test_each_effect_switches_on_alone(li, switch):
+    eff = FluoroEffects.none()
+    setattr(eff, switch, True)
+    eff.n_markers = eff.n_beads = eff.n_wires = eff.n_sensors = (2, 3)
+    eff.other_leg_prob = eff.extra_bones_prob = 1.0
+    clean = clean_drr_target(li)
+    diffs = []
+    for seed in range(3):
+        out = simulate_fluoroscopy(li, np.random.default_rng(seed), eff, strength=1.0)
+        assert out.shape == clean.shape and out.dtype == np.float32
+        assert 0.0 <= out.min() and out.max() <= 1.0
+        diffs.append(np.abs(out - clean).max())
+    assert max(diffs) > 1e-4, f"{switch} changed nothing"
+
+
+def test_default_simulation_range_and_bone_darker(li):
+    mask = bone_mask_from_line_integrals(li, 2.0)
+    assert mask.any() and not mask.all()
+    darker = 0
+    for seed in range(6):
+        out = simulate_fluoroscopy(li, np.random.default_rng(seed))
+        assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
+        # 8-bit quantised
+        np.testing.assert_allclose(out * 255, np.round(out * 255), atol=1e-3)
+        h, w = out.shape
+        yy, xx = np.mgrid[0:h, 0:w]
+        inside = np.hypot(yy - h / 2, xx - w / 2) < 0.4 * h
+        darker += out[mask & inside].mean() < out[~mask & inside].mean()
+    assert darker >= 5
+
+
+def test_strength_zero_is_nearly_clean(li):
+    eff = FluoroEffects(markers_on=False, beads_on=False, wires_on=False, sensors_on=False,
+                        field_on=False, quantize_on=False, extra_bones_on=False)
+    out = simulate_fluoroscopy(li, np.random.default_rng(1), eff, strength=0.0)
+    assert np.abs(out - clean_drr_target(li)).max() < 1e-2
+
+
+# ------------------------------------------------------------------------------ networks
+def test_stage1_shapes():
+    g = UNetGenerator(base=4, depth=3, max_ch=16).eval()
+    x = torch.rand(2, 1, 64, 48)
+    img, logit = g(x)
+    assert img.shape == logit.shape == (2, 1, 64, 48)
+    assert img.dtype == torch.float32 and 0 <= img.min() and img.max() <= 1
+    d = PatchDiscriminator(base=8)
+    out = d(x, img)
+    assert out.shape[:2] == (2, 1) and out.shape[-1] >= 1
+
+
+@pytest.mark.parametrize("name", ["drunet", "SlimDRUNet", "srresnet", "nafnet"])
+def test_stage2_shapes(name):
+    kw = {"drunet": {"channels": (4, 8, 8, 8), "n_blocks": 1}, "slimdrunet": {"channels": (4, 8, 8, 8)},
+          "srresnet": {"width": 8, "n_blocks": 2}, "nafnet": {"width": 4, "n_blocks": 1}}[name.lower()]
+    net = build_stage2(name, **kw).eval()
+    x = torch.rand(1, 1, 32, 40)
+    y = net(x)
+    assert y.shape == x.shape and y.dtype == torch.float32 and torch.isfinite(y).all()
+    assert count_parameters(net) > 0
+
+
+def test_stage2_unknown_name():
+    with pytest.raises(ValueError, match="unknown stage-2"):
+        build_stage2("resnet9000")
+
+
+def test_drunet_has_no_bias_and_no_norm():
+    net = build_stage2("drunet", channels=(4, 8, 8, 8), n_blocks=1)
+    assert not any(n.endswith("bias") for n, _ in net.named_parameters())
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d)) for m in net.modules())
+
+
+# ------------------------------------------------------------------------------ losses
+def test_losses():
+    x = torch.rand(2, 1, 32, 32)
+    assert float(ssim(x, x)) == pytest.approx(1.0, abs=1e-5)
+    assert float(ssim(x, 1 - x)) < 0.5
+    assert float(gradient_loss(x, x)) == 0.0
+    p = StructurePerceptualLoss()
+    assert float(p(x, x)) == 0.0 and float(p(x, x.flip(-1))) > 0
+    mask = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    total, terms = GeneratorLoss()(x * 0.9, x, torch.zeros_like(x), mask, torch.zeros(2, 1, 4, 4))
+    assert torch.isfinite(total) and set(terms) == {"l1", "ssim", "perceptual", "seg", "adv"}
+    with pytest.raises(InputError, match="LPIPS"):
+        LPIPSLoss(None)
+    with pytest.raises(InputError):
+        GeneratorLoss({"lpips": 0.2})
+
+
+# ------------------------------------------------------------------------------ data
+def test_procedural_source_and_dataset(tmp_path):
+    li = Procedural2DKneeSource().sample(np.random.default_rng(0), 64)
+    assert li.shape == (2, 64, 64) and li.dtype == np.float32 and li.min() >= 0 and li.max() > 5
+    f, t, m = make_pair(Procedural2DKneeSource(), np.random.default_rng(0), 64)
+    assert f.shape == t.shape == m.shape == (64, 64)
+    path = build_cache(tmp_path / "c.npz", 3, 64, seed=1, progress=False)
+    ds = SimulatedPairDataset(path, augment=True, crop=32)
+    assert len(ds) == 3
+    x, y, z = ds[0]
+    assert x.shape == y.shape == z.shape == (1, 32, 32)
+    assert 0 <= float(x.min()) and float(x.max()) <= 1 and set(torch.unique(z).tolist()) <= {0.0, 1.0}
+
+
+# ------------------------------------------------------------------------------ bundled weights
+@needs_weights
+def test_bundled_weights_load_and_are_deterministic():
+    info = json.loads((MODEL_DIR / "models.json").read_text())
+    size = sum((MODEL_DIR / e["file"]).stat().st_size for e in info["models"].values())
+    assert size <= 25 * 1024 * 1024
+    tr = inference.Translator.load(device="cpu")
+    frame = np.random.default_rng(0).uniform(0, 255, (1, 90, 130)).astype(np.float32)
+    a = tr.translate(frame)
+    b = tr.translate(frame)
+    assert a.shape == (1, 90, 130) and a.dtype == np.float32
+    assert 0 <= a.min() and a.max() <= 1
+    np.testing.assert_array_equal(a, b)
+    single = tr.translate(frame[0])  # a 2D frame is one frame
+    assert single.shape == (1, 90, 130)
+
+
+@needs_weights
+def test_translation_moves_frames_towards_the_clean_target():
+    """Held-out simulated frames (seeds never used for training): NCC to the clean target improves."""
+    src = Procedural2DKneeSource()
+    frames, targets = [], []
+    for k in range(4):
+        f, t, _ = make_pair(src, np.random.default_rng([987654, k]), 256)
+        frames.append(f * 200 + 20)  # any input range
+        targets.append(t)
+    frames, targets = np.stack(frames), np.stack(targets)
+    tr = inference.Translator.load(device="cpu")
+    out = tr.translate(frames, batch=2)
+    t_ = torch.from_numpy(targets)[:, None]
+    raw = ncc(torch.from_numpy(frames)[:, None], t_).mean().item()
+    got = ncc(torch.from_numpy(out)[:, None], t_).mean().item()
+    s1 = ncc(torch.from_numpy(tr.translate(frames, stage="1"))[:, None], t_).mean().item()
+    assert got > raw + 0.15, (raw, s1, got)
+    assert s1 > raw + 0.15, (raw, s1, got)
+
+
+# ------------------------------------------------------------------------------ errors
+@needs_weights
+def test_input_errors():
+    tr = inference.Translator.load(device="cpu", stage="1")
+    with pytest.raises(InputError, match="shape"):
+        tr.translate(np.zeros((1, 2, 16, 16)))
+    with pytest.raises(InputError, match="shape"):
+        tr.translate(np.zeros(16))
+    bad = np.zeros((3, 16, 16), np.float32)
+    bad[1, 3, 3] = np.nan
+    with pytest.raises(InputError, match=r"\[1\].*NaN"):
+        tr.translate(bad)
+    with pytest.raises(InputError, match="stage"):
+        inference.Translator.load(device="cpu", stage="3")
+
+
+@needs_weights
+def test_missing_and_corrupt_weights(tmp_path):
+    d = tmp_path / "models"
+    shutil.copytree(MODEL_DIR, d, ignore=shutil.ignore_patterns("*.md", "*.png"))
+    inference.Translator.load(d, device="cpu")  # intact copy loads
+    blob = bytearray((d / "stage2.pt").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (d / "stage2.pt").write_bytes(bytes(blob))
+    with pytest.raises(InputError, match="checksum"):
+        inference.Translator.load(d, device="cpu")
+    inference.Translator.load(d, device="cpu", stage="1")  # stage 1 alone is still fine
+    (d / "stage1.pt").unlink()
+    with pytest.raises(InputError, match="missing"):
+        inference.Translator.load(d, device="cpu", stage="1")
+    (d / "models.json").unlink()
+    with pytest.raises(InputError, match="models.json"):
+        inference.Translator.load(d, device="cpu")
+
+
+# ------------------------------------------------------------------------------ training + CLI
+def test_tiny_training_run_exports_a_loadable_model(tmp_path):
+    from Fluoro2DRRLib.translation.train import train
+    cfg = {"image_size": 64, "data": {"n_train": 6, "n_val": 2},
+           "stage1": {"base": 4, "depth": 3, "max_ch": 16, "d_base": 8, "epochs": 1, "steps_per_epoch": 2,
+                      "batch": 2, "crop": 32},
+           "stage2": {"kwargs": {"channels": [4, 8, 8, 8], "n_blocks": 1}, "epochs": 1, "steps_per_epoch": 2,
+                      "batch": 2, "crop": 32}}
+    m = train(cfg, tmp_path / "run", device="cpu", progress=False)
+    assert {"raw", "stage1", "stage2"} <= set(m["final_val"])
+    for name in ("stage1.pt", "stage2.pt", "models.json", "metrics.json", "val_final.png"):
+        assert (tmp_path / "run" / name).is_file()
+    tr = inference.Translator.load(tmp_path / "run", device="cpu")
+    assert tr.translate(np.random.rand(1, 50, 70)).shape == (1, 50, 70)
+    m2 = train(cfg, tmp_path / "run", device="cpu", resume=True, progress=False)  # nothing left to do
+    assert len(m2["history"]) == len(m["history"])
+
+
+@needs_weights
+def test_translate_command_writes_16bit_tiffs(tmp_path):
+    from PIL import Image
+
+    from Fluoro2DRRLib.translation.commands import add_train_parser, add_translate_parser
+    src = tmp_path / "frames"
+    src.mkdir()
+    for k in range(2):
+        img = (np.random.default_rng(k).uniform(0, 255, (70, 90))).astype(np.uint8)
+        Image.fromarray(img).save(src / f"knee_{k:03d}.tif")
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    add_translate_parser(sub)
+    add_train_parser(sub)
+    args = parser.parse_args(["translate", "--frames", str(src), "--out", str(tmp_path / "out"),
+                              "--device", "cpu", "--batch", "1"])
+    assert args.func(args) == 0
+    outs = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert outs == ["knee_000.tif", "knee_001.tif"]
+    arr = np.array(Image.open(tmp_path / "out" / "knee_000.tif"))
+    assert arr.shape == (70, 90) and arr.dtype == np.uint16
+    args = parser.parse_args(["train", "--paired-frames", str(src), "--out", str(tmp_path / "t")])
+    with pytest.raises(InputError, match="needs"):
+        args.func(args)

@@ -1,0 +1,64 @@
+"""Speed of the bundled translation model.
+
+Prints seconds per 512x512 frame on the CPU with 2 threads for stage 1, stage 2 and both; the peak
+resident memory (RSS) while translating one 1024x1024 frame; frames/s on CUDA when available.
+
+    .venv/bin/python Testing/benchmarks/bench_translation.py [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "Fluoro2DRR"))
+from Fluoro2DRRLib.translation.inference import Translator  # noqa: E402
+
+
+def seconds_per_frame(tr, frame, stage, repeats):
+    tr.translate(frame, stage=stage)  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeats):
+        tr.translate(frame, stage=stage)
+    return (time.perf_counter() - t) / repeats
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    frame = rng.uniform(0, 255, (1, 512, 512)).astype(np.float32)
+    both = Translator.load(device="cpu", stage="both")
+    s2only = Translator.load(device="cpu", stage="2")
+    print(f"CPU, {torch.get_num_threads()} threads, 512x512 frame (networks at {both.image_size}px):")
+    print(f"  stage 1   : {seconds_per_frame(both, frame, '1', args.repeats):.3f} s/frame")
+    print(f"  stage 2   : {seconds_per_frame(s2only, frame, '2', args.repeats):.3f} s/frame")
+    print(f"  both      : {seconds_per_frame(both, frame, 'both', args.repeats):.3f} s/frame")
+    big = rng.uniform(0, 255, (1, 1024, 1024)).astype(np.float32)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    both.translate(big)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"  peak RSS translating one 1024x1024 frame: {peak:.0f} MiB (before: {before:.0f} MiB)")
+    if torch.cuda.is_available():
+        gpu = Translator.load(device="cuda")
+        frames = rng.uniform(0, 255, (64, 512, 512)).astype(np.float32)
+        gpu.translate(frames[:8])
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        gpu.translate(frames, batch=16)
+        torch.cuda.synchronize()
+        print(f"CUDA ({torch.cuda.get_device_name()}): {len(frames) / (time.perf_counter() - t):.1f} frames/s "
+              "(512x512, batch 16, float16 autocast)")
+    else:
+        print("CUDA: not available")
+
+
+if __name__ == "__main__":
+    main()
