@@ -24,6 +24,8 @@ def _add_simulate(sub):
     p.add_argument("--realism", choices=["none", "fluoro"], default="none",
                    help="none: clean bone DRRs (bone bright); fluoro: simulated fluoroscopy (bone dark)")
     p.add_argument("--max-flexion", type=float, default=60.0, help="flexion at the last frame, degrees")
+    p.add_argument("--fluoro-strength", type=float, default=1.0,
+                   help="with --realism fluoro: strength of every effect (0 clean .. 1 default .. >1 harsher)")
     p.add_argument("--labelmap", help="label map (NRRD/NIfTI/...) with femur and tibia labels")
     p.add_argument("--femur-label", type=int, default=5)
     p.add_argument("--tibia-label", type=int, default=6)
@@ -42,7 +44,8 @@ def _run_simulate(args):
                              image_size=args.size, labelmap=args.labelmap, femur_label=args.femur_label,
                              tibia_label=args.tibia_label, femur_mesh=args.femur, tibia_mesh=args.tibia,
                              mesh_coordinate_system=args.mesh_space, mesh_units=args.units,
-                             max_flexion_deg=args.max_flexion)
+                             max_flexion_deg=args.max_flexion,
+                             fluoro_strength=args.fluoro_strength)
     print(f"wrote {info['n_frames']} {info['realism']} frames of {info['subject']} to {args.out} "
           f"in {info['seconds']:.1f} s")
 

@@ -42,23 +42,30 @@ def _grid(lo, hi, voxel_mm):
 
 def _femur_sdf(p, s, rng_params):
     c_r = rng_params["condyle_radii"] * s
-    d = _ellipsoid(p, np.array([19.0, -3.0, 0.0]) * s, c_r)  # lateral condyle
-    d = _smooth_union(d, _ellipsoid(p, np.array([-19.0, -3.0, 0.0]) * s, c_r * np.array([1.05, 1.04, 1.0])), 4.0)
+    # the lateral condyle sits more anterior, the medial one reaches further distally (real asymmetry)
+    d = _ellipsoid(p, np.array([19.0, -1.0, 0.0]) * s, c_r)
+    d = _smooth_union(d, _ellipsoid(p, np.array([-19.0, -5.0, -1.5]) * s, c_r * np.array([1.05, 1.08, 1.0])), 4.0)
     d = _smooth_union(d, _ellipsoid(p, np.array([0.0, 2.0, 20.0]) * s, np.array([30.0, 21.0, 26.0]) * s), 8.0)
-    top = np.array([rng_params["shaft_tilt_mm"], 4.0, rng_params["femur_length"]]) * np.array([1, 1, 1])
+    d = _smooth_union(d, _ellipsoid(p, np.array([-27.0, -2.0, 22.0]) * s, np.array([6.0, 8.0, 9.0]) * s), 4.0)  # epicondyle
+    top = np.array([rng_params["shaft_tilt_mm"], 4.0, rng_params["femur_length"]])
     d = _smooth_union(d, _capsule(p, np.array([0.0, 3.0, 25.0]) * s, top, 12.5 * s), 10.0)
+    d = _smooth_union(d, _capsule(p, np.array([2.0, -10.0, 30.0]) * s, top + np.array([0, -9.0, 0]), 5.0 * s), 6.0)  # linea aspera
     # trochlear groove and intercondylar notch: carve
     notch = _ellipsoid(p, np.array([0.0, -14.0, -10.0]) * s, np.array([6.5, 14.0, 12.0]) * s)
-    groove = _ellipsoid(p, np.array([0.0, 22.0, 10.0]) * s, np.array([6.0, 5.0, 16.0]) * s)
+    groove = _ellipsoid(p, np.array([2.0, 22.0, 10.0]) * s, np.array([6.0, 5.0, 16.0]) * s)
     return np.maximum(d, -np.minimum(notch, groove))
 
 
 def _tibia_sdf(p, s, rng_params):
-    d = _ellipsoid(p, np.array([0.0, -4.0, -29.0]) * s, np.array([37.0, 25.0, 8.0]) * s)  # plateau
+    # medial plateau larger and lower than the lateral one; both slope posteriorly
+    d = _ellipsoid(p, np.array([-16.0, -5.0, -29.5]) * s, np.array([21.0, 26.0, 8.0]) * s)
+    d = _smooth_union(d, _ellipsoid(p, np.array([17.0, -2.0, -28.5]) * s, np.array([19.0, 22.0, 8.0]) * s), 6.0)
     d = _smooth_union(d, _ellipsoid(p, np.array([0.0, -3.0, -45.0]) * s, np.array([29.0, 21.0, 20.0]) * s), 8.0)
-    d = _smooth_union(d, _ellipsoid(p, np.array([0.0, 16.0, -50.0]) * s, np.array([9.0, 8.0, 14.0]) * s), 5.0)
+    d = _smooth_union(d, _ellipsoid(p, np.array([7.0, 17.0, -52.0]) * s, np.array([10.0, 9.0, 16.0]) * s), 5.0)  # tuberosity
+    d = _smooth_union(d, _ellipsoid(p, np.array([28.0, -14.0, -44.0]) * s, np.array([8.0, 8.0, 9.0]) * s), 4.0)  # fibular facet
     bottom = np.array([-rng_params["shaft_tilt_mm"] * 0.5, -3.0, -rng_params["tibia_length"]])
     d = _smooth_union(d, _capsule(p, np.array([0.0, -3.0, -55.0]) * s, bottom, 11.0 * s), 10.0)
+    d = _smooth_union(d, _capsule(p, np.array([2.0, 9.0, -62.0]) * s, bottom + np.array([0, 7.0, 20.0]), 4.5 * s), 5.0)  # crest
     # intercondylar eminence between the two plateaus
     return _smooth_union(d, _ellipsoid(p, np.array([0.0, -5.0, -21.5]) * s, np.array([5.0, 8.0, 3.0]) * s), 2.0)
 
@@ -75,8 +82,8 @@ def make_knee_phantom(seed: int = 0, voxel_mm: float = 0.6, mesh: bool = True) -
     }
     bones = {}
     for name, sdf, lo, hi in (
-        ("femur", _femur_sdf, (-38, -32, -24), (38, 32, params["femur_length"] + 16)),
-        ("tibia", _tibia_sdf, (-45, -33, -params["tibia_length"] - 14), (45, 30, -16)),
+        ("femur", _femur_sdf, (-40, -32, -24), (38, 32, params["femur_length"] + 16)),
+        ("tibia", _tibia_sdf, (-45, -33, -params["tibia_length"] - 14), (45, 34, -16)),
     ):
         lo = np.array(lo, float) * max(s, 1.0)
         hi = np.array(hi, float) * max(s, 1.0)

@@ -36,24 +36,37 @@ class RegistrationSettings:
     detector_sizes: tuple[int, ...] = (64, 128, 256)
     voxel_mm: tuple[float, ...] = (2.4, 1.2, 1.2)  # bone volume resolution per level
     start_iterations: tuple[int, ...] = (80, 40, 15)  # first frame / re-initialised frames
-    track_iterations: tuple[int, ...] = (20, 12, 4)  # tracked frames start close
+    track_iterations: tuple[int, ...] = (40, 30, 10)  # tracked frames start close
     lr_rotation_deg: tuple[float, ...] = (1.5, 0.5, 0.2)
     lr_translation_mm: tuple[float, ...] = (2.0, 0.6, 0.25)
     stop_translation_mm: float = 0.02  # per-iteration pose change below which a level stops
     stop_rotation_deg: float = 0.02
     stop_patience: int = 4
+    # converged: the finest level stopped by itself, or its similarity rose less than this over its second half
+    converged_similarity_gain: float = 2e-4
     renderer: str = "trilinear"
     optimizer: str = "lbfgs"  # "lbfgs" (strong-Wolfe line search) or "adam"
     rotation_scale_mm: float = 50.0  # lbfgs works on (w * this, v): radians at a lever arm of 50 mm ~ mm
+    # Each level searches a bounded region around its start (smooth tanh bounds): the line search
+    # cannot throw a bone out along the weakly constrained depth direction.
+    bound_rotation_deg: tuple[float, ...] = (20.0, 6.0, 3.0)
+    bound_translation_mm: tuple[float, ...] = (30.0, 8.0, 4.0)
+    # tracked frames start within a few mm / deg of their answer: tighter regions (a temporal prior)
+    track_bound_rotation_deg: tuple[float, ...] = (6.0, 3.0, 1.5)
+    track_bound_translation_mm: tuple[float, ...] = (8.0, 4.0, 2.0)
     # automatic start
     auto_rotation_grid_deg: float = 15.0
     auto_depth_offsets_mm: tuple[float, ...] = (-50.0, -25.0, 0.0, 25.0, 50.0)
     auto_candidates: int = 3  # best coarse candidates per bone refined jointly
     # tracking
-    reinit_similarity_drop: float = 0.15  # relative drop against the running median marks a frame
+    # a frame is "lost" when its dissimilarity (1 - similarity) exceeds this many times the recent median
+    # plus a margin; it is then refined again with the wide (first-frame) search, then the automatic start
+    lost_dissimilarity_ratio: float = 2.0
+    lost_dissimilarity_margin: float = 0.01
     max_jump_mm: float = 25.0
     max_jump_deg: float = 20.0
     min_similarity: float = 0.5  # below this a frame is not "converged"
+    xray_highpass_fraction: float = 0.08  # raw fluoroscopy: high-pass sigma as a fraction of the image width
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,12 +146,33 @@ def _downsample(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(image, size=(size[1], size[0]), mode="bilinear", antialias=True, align_corners=False)
 
 
-def similarity(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def highpass(image: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """image minus its Gaussian low-pass (separable, reflect-padded): removes soft tissue's smooth ramp."""
+    radius = max(1, int(3 * sigma_px))
+    x = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
+    k = torch.exp(-0.5 * (x / sigma_px) ** 2)
+    k = k / k.sum()
+    b, c, h, w = image.shape
+    flat = image.reshape(b * c, 1, h, w)
+    pad_h, pad_w = min(radius, h - 1), min(radius, w - 1)
+    low = F.conv2d(F.pad(flat, (pad_w, pad_w, 0, 0), mode="reflect"), k[None, None, None, radius - pad_w:radius + pad_w + 1])
+    low = F.conv2d(F.pad(low, (0, 0, pad_h, pad_h), mode="reflect"), k[None, None, radius - pad_h:radius + pad_h + 1, None])
+    return image - low.reshape(b, c, h, w)
+
+
+def similarity(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None,
+               highpass_fraction: float = 0.0) -> torch.Tensor:
     """0.5 global NCC + 0.5 gradient NCC: higher is better, 1 is perfect.
 
     Global NCC gives the wide, smooth basin; gradient NCC the sharp peak at the edges. Patch NCC (as in
     xvr) was measured to be jagged on bone DRRs (mostly flat windows) and is left out of the objective.
+    With ``highpass_fraction`` > 0 (raw fluoroscopy) the global NCC compares both images high-passed with a
+    Gaussian of that fraction of the image width, so the soft tissue's smooth ramp does not dominate it.
     """
+    if highpass_fraction > 0:
+        sigma = highpass_fraction * fixed.shape[-1]
+        return 0.5 * ncc(highpass(fixed, sigma), highpass(moving, sigma), mask=mask) + \
+            0.5 * gradient_ncc(fixed, moving, mask=mask)
     return 0.5 * ncc(fixed, moving, mask=mask) + 0.5 * gradient_ncc(fixed, moving, mask=mask)
 
 
@@ -161,6 +195,7 @@ class Registrar:
             level_bones = [bones[n].resampled(voxel) for n in self.names]
             self.levels.append(TwoBoneRenderer(g, level_bones, s.renderer, device=self.device))
         self.centroids_bone = {n: bones[n].centroid_mm for n in self.names}
+        self.highpass = 0.0  # set per frame from its polarity
 
     # -- helpers --
     def _stack(self, poses: dict[str, np.ndarray]) -> torch.Tensor:
@@ -188,8 +223,8 @@ class Registrar:
 
     # -- local optimisation --
     def refine(self, fixed_levels, start: torch.Tensor, iterations: tuple[int, ...],
-               levels: tuple[int, ...] | None = None) -> tuple[torch.Tensor, float, int, bool]:
-        """Adam over (w, v) per bone, coarse to fine. start: (B, K, 4, 4); returns the best of the batch."""
+               levels: tuple[int, ...] | None = None, tracking: bool = False) -> tuple[torch.Tensor, float, int, bool]:
+        """L-BFGS (or Adam) over (w, v) per bone, coarse to fine. start: (B, K, 4, 4); returns the best of the batch."""
         s = self.settings
         levels = tuple(range(len(self.levels))) if levels is None else levels
         poses = start.detach().clone()
@@ -203,7 +238,7 @@ class Registrar:
             fixed, mask = fixed_levels[li]
             centre = self._centres(poses).detach()
             if s.optimizer == "lbfgs":
-                w, v, n_done, level_converged = self._lbfgs(renderer, fixed, mask, poses, centre, n_iter)
+                w, v, n_done, level_converged = self._lbfgs(renderer, fixed, mask, poses, centre, n_iter, li, tracking)
             else:
                 w, v, n_done, level_converged = self._adam(renderer, fixed, mask, poses, centre, n_iter, li)
             total_iterations += n_done
@@ -212,32 +247,49 @@ class Registrar:
             if _DEBUG:
                 sim = float(self.score(fixed_levels, poses, li).max())
                 print(f"  level {li} ({renderer.width}px): {n_done} evaluations, similarity {sim:.4f}")
-            converged = level_converged or converged if li < levels[-1] else level_converged
+            if li == levels[-1]:
+                converged = level_converged
         with torch.no_grad():
             renderer = self.levels[levels[-1]]
             fixed, mask = fixed_levels[levels[-1]]
-            sims = similarity(fixed, renderer(poses).sum(1, keepdim=True), mask)
+            sims = similarity(fixed, renderer(poses).sum(1, keepdim=True), mask, self.highpass)
             best = int(torch.argmax(sims))
         return poses[best:best + 1], float(sims[best]), total_iterations, converged
 
-    def _lbfgs(self, renderer, fixed, mask, poses, centre, n_eval):
+    def _lbfgs(self, renderer, fixed, mask, poses, centre, n_eval, li, tracking=False):
         s = self.settings
+        rot_deg = (s.track_bound_rotation_deg if tracking else s.bound_rotation_deg)[li]
+        rot_bound = math.radians(rot_deg) * s.rotation_scale_mm
+        trans_bound = (s.track_bound_translation_mm if tracking else s.bound_translation_mm)[li]
         x = torch.zeros(poses.shape[:-2] + (6,), device=self.device, requires_grad=True)
         opt = torch.optim.LBFGS([x], lr=1.0, max_iter=n_eval, max_eval=n_eval, history_size=20,
-                                tolerance_grad=1e-7, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+                                tolerance_grad=1e-6, tolerance_change=1e-7, line_search_fn="strong_wolfe")
         count = [0]
+        history = []
+
+        def bounded(x):
+            w = rot_bound * torch.tanh(x[..., :3] / rot_bound) / s.rotation_scale_mm
+            v = trans_bound * torch.tanh(x[..., 3:] / trans_bound)
+            return w, v
 
         def closure():
             opt.zero_grad()
-            current = compose_update(poses, centre, x[..., :3] / s.rotation_scale_mm, x[..., 3:])
-            loss = -similarity(fixed, renderer(current).sum(1, keepdim=True), mask).sum()
+            w, v = bounded(x)
+            current = compose_update(poses, centre, w, v)
+            loss = -similarity(fixed, renderer(current).sum(1, keepdim=True), mask, self.highpass).sum()
+            if not loss.requires_grad:  # no ray touches any bone: nothing to follow
+                loss = loss + 0.0 * x.sum()
             loss.backward()
             count[0] += 1
+            history.append(float(loss) / poses.shape[0])
             return loss
 
         opt.step(closure)
-        x = x.detach()
-        return x[..., :3] / s.rotation_scale_mm, x[..., 3:], count[0], count[0] < n_eval
+        with torch.no_grad():
+            w, v = bounded(x)
+        half = history[len(history) // 2:]
+        settled = len(history) >= 2 and (max(half) - min(history)) < s.converged_similarity_gain
+        return w, v, count[0], count[0] < n_eval or settled
 
     def _adam(self, renderer, fixed, mask, poses, centre, n_iter, li):
         s = self.settings
@@ -252,7 +304,7 @@ class Registrar:
         for it in range(n_iter):
             opt.zero_grad()
             current = compose_update(poses, centre, w, v)
-            loss = -similarity(fixed, renderer(current).sum(1, keepdim=True), mask).sum()
+            loss = -similarity(fixed, renderer(current).sum(1, keepdim=True), mask, self.highpass).sum()
             loss.backward()
             opt.step()
             sched.step()
@@ -269,7 +321,7 @@ class Registrar:
     def score(self, fixed_levels, poses: torch.Tensor, level: int) -> torch.Tensor:
         with torch.no_grad():
             fixed, mask = fixed_levels[level]
-            return similarity(fixed, self.levels[level](poses).sum(1, keepdim=True), mask)
+            return similarity(fixed, self.levels[level](poses).sum(1, keepdim=True), mask, self.highpass)
 
     # -- automatic start --
     def auto_start(self, fixed_levels, default: dict[str, np.ndarray]) -> torch.Tensor:
@@ -320,7 +372,8 @@ class Registrar:
 
     # -- one frame --
     def register_frame(self, frame_image: np.ndarray, fov: np.ndarray, start: dict[str, np.ndarray],
-                       auto: bool, tracking: bool) -> tuple[dict[str, np.ndarray], float, int, bool]:
+                       auto: bool, tracking: bool, polarity: str = "drr") -> tuple[dict[str, np.ndarray], float, int, bool]:
+        self.highpass = self.settings.xray_highpass_fraction if polarity == "xray" else 0.0
         fl = self.fixed_levels(frame_image, fov)
         s = self.settings
         if auto:
@@ -329,7 +382,7 @@ class Registrar:
         else:
             candidates = self._stack(start)
             iters = s.track_iterations if tracking else s.start_iterations
-        best, sim, n_it, conv = self.refine(fl, candidates, iters)
+        best, sim, n_it, conv = self.refine(fl, candidates, iters, tracking=tracking and not auto)
         return self._unstack(best), sim, n_it, conv
 
 
@@ -403,13 +456,20 @@ def default_pose(geometry: CArmGeometry, bone: BoneModel, bone_from_view: np.nda
 
 
 # ---- sequences ----------------------------------------------------------------------------------
-def _extrapolate(prev: np.ndarray, prev2: np.ndarray | None) -> np.ndarray:
+def _extrapolate(prev: np.ndarray, prev2: np.ndarray | None, centroid_bone: np.ndarray,
+                 geometry: CArmGeometry) -> np.ndarray:
+    """Constant-velocity prediction, except along the beam: single-plane depth estimates are the noisiest
+    component, and extrapolating their noise compounds it, so the predicted depth is the previous one."""
     if prev2 is None:
         return prev
     delta = prev @ np.linalg.inv(prev2)
     out = delta @ prev
     u, _, vt = np.linalg.svd(out[:3, :3])
     out[:3, :3] = u @ vt
+    beam = geometry.beam_direction_world
+    c_prev = apply_transform(prev, centroid_bone[None])[0]
+    c_new = apply_transform(out, centroid_bone[None])[0]
+    out[:3, 3] -= np.dot(c_new - c_prev, beam) * beam
     return out
 
 
@@ -470,7 +530,7 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
         if should_stop is not None and should_stop():
             break
         t0 = time.time()
-        image, fov, _ = prepare_frame(frames[i], polarity)
+        image, fov, frame_info = prepare_frame(frames[i], polarity)
         have_prev = i > 0 and all(np.all(np.isfinite(poses[nm][i - 1])) for nm in names)
         reinit = False
         note = ""
@@ -479,7 +539,8 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
             auto, tracking = False, False
         elif have_prev:
             prev2_ok = i > 1 and all(np.all(np.isfinite(poses[nm][i - 2])) for nm in names)
-            start = {nm: _extrapolate(poses[nm][i - 1], poses[nm][i - 2] if prev2_ok else None) for nm in names}
+            start = {nm: _extrapolate(poses[nm][i - 1], poses[nm][i - 2] if prev2_ok else None,
+                                      bones[nm].centroid_mm, geometry) for nm in names}
             auto, tracking = False, True
         elif first_init is not None and i == start_frame:
             start = {nm: first_init.get(nm, defaults[nm]) for nm in names}
@@ -487,20 +548,29 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
         else:
             start = defaults
             auto, tracking = True, False
-        result, sim, iters, conv = registrar.register_frame(image, fov, start, auto, tracking)
+        result, sim, iters, conv = registrar.register_frame(image, fov, start, auto, tracking, frame_info["polarity"])
         if tracking:
-            # a similarity drop or an implausible jump marks the frame and re-runs the automatic start
             ref = float(np.median(sims[-5:])) if sims else sim
-            jump_mm = max(np.linalg.norm(result[nm][:3, 3] - poses[nm][i - 1][:3, 3]) for nm in names)
-            jump_deg = max(_rotation_deg(result[nm], poses[nm][i - 1]) for nm in names)
-            if (sim < ref * (1 - settings.reinit_similarity_drop) or jump_mm > settings.max_jump_mm
-                    or jump_deg > settings.max_jump_deg):
+
+            def lost(sim_value, pose):
+                jump_mm = max(np.linalg.norm(pose[nm][:3, 3] - poses[nm][i - 1][:3, 3]) for nm in names)
+                jump_deg = max(_rotation_deg(pose[nm], poses[nm][i - 1]) for nm in names)
+                bad = (1 - sim_value) > settings.lost_dissimilarity_ratio * (1 - ref) + settings.lost_dissimilarity_margin
+                return bad or jump_mm > settings.max_jump_mm or jump_deg > settings.max_jump_deg, jump_mm, jump_deg
+
+            is_lost, jump_mm, jump_deg = lost(sim, result)
+            if is_lost:
                 note = f"lost track (similarity {sim:.3f} vs {ref:.3f}, jump {jump_mm:.1f} mm {jump_deg:.1f} deg)"
-                r2, s2, it2, c2 = registrar.register_frame(image, fov, start, True, False)
-                iters += it2
                 reinit = True
-                if s2 > sim:
-                    result, sim, conv = r2, s2, c2
+                # first the wide first-frame search from the prediction, then the automatic start
+                for auto_again in (False, True):
+                    r2, s2, it2, c2 = registrar.register_frame(image, fov, start, auto_again, False,
+                                                               frame_info["polarity"])
+                    iters += it2
+                    if s2 > sim:
+                        result, sim, conv = r2, s2, c2
+                    if not lost(sim, result)[0]:
+                        break
         for nm in names:
             poses[nm][i] = result[nm]
         sims.append(sim)

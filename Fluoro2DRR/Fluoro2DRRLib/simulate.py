@@ -56,7 +56,8 @@ def knee_frame_from_bones(femur: BoneModel, tibia: BoneModel) -> np.ndarray:
 
 
 def load_subject(seed: int = 0, labelmap=None, femur_label: int = 5, tibia_label: int = 6,
-                 femur_mesh=None, tibia_mesh=None, mesh_coordinate_system: str = "auto", mesh_units: str = "mm"):
+                 femur_mesh=None, tibia_mesh=None, mesh_coordinate_system: str = "auto", mesh_units: str = "mm",
+                 phantom_voxel_mm: float = 0.6):
     """(bones, knee_from_femur, knee_from_tibia, flexion_centre_knee, description)."""
     if labelmap is not None and (femur_mesh or tibia_mesh):
         raise InputError("--labelmap", "give either a label map or meshes, not both")
@@ -70,7 +71,7 @@ def load_subject(seed: int = 0, labelmap=None, femur_label: int = 5, tibia_label
                  "tibia": bone_from_mesh_file(tibia_mesh, "tibia", mesh_coordinate_system, mesh_units)}
         description = f"meshes {femur_mesh}, {tibia_mesh}"
     else:
-        bones = make_knee_phantom(seed)
+        bones = make_knee_phantom(seed, voxel_mm=phantom_voxel_mm)
         return bones, np.eye(4), np.eye(4), FLEXION_CENTRE_MM, f"procedural knee phantom (seed {seed})"
     bone_from_knee = knee_frame_from_bones(bones["femur"], bones["tibia"])
     knee_from_bone = np.linalg.inv(bone_from_knee)
@@ -81,7 +82,8 @@ def load_subject(seed: int = 0, labelmap=None, femur_label: int = 5, tibia_label
 def simulate_sequence(out_dir, n_frames: int = 20, seed: int = 0, realism: str = "none", image_size: int = 512,
                       labelmap=None, femur_label: int = 5, tibia_label: int = 6, femur_mesh=None, tibia_mesh=None,
                       mesh_coordinate_system: str = "auto", mesh_units: str = "mm", max_flexion_deg: float = 60.0,
-                      geometry: CArmGeometry | None = None, progress: bool = True, overwrite: bool = False) -> dict:
+                      geometry: CArmGeometry | None = None, progress: bool = True, overwrite: bool = False,
+                      phantom_voxel_mm: float = 0.6, fluoro_strength: float = 1.0) -> dict:
     from . import calibration_io, frames_io, pose_io
     from .render import TwoBoneRenderer, bone_outside_view
 
@@ -96,7 +98,8 @@ def simulate_sequence(out_dir, n_frames: int = 20, seed: int = 0, realism: str =
     t0 = time.time()
     geometry = geometry or knee_default_geometry().resized(image_size)
     bones, knee_from_femur, knee_from_tibia, centre, description = load_subject(
-        seed, labelmap, femur_label, tibia_label, femur_mesh, tibia_mesh, mesh_coordinate_system, mesh_units)
+        seed, labelmap, femur_label, tibia_label, femur_mesh, tibia_mesh, mesh_coordinate_system, mesh_units,
+        phantom_voxel_mm)
     depth = geometry.source_to_patient_mm or 0.85 * geometry.source_to_detector_mm
     poses = knee_motion(n_frames, geometry.world_from_source, depth, knee_from_femur, knee_from_tibia, centre,
                         seed, max_flexion_deg)
@@ -120,7 +123,7 @@ def simulate_sequence(out_dir, n_frames: int = 20, seed: int = 0, realism: str =
             else:
                 from .fluoro_sim import simulate_fluoroscopy
 
-                frames.append(np.clip(simulate_fluoroscopy(li, rng) * 255.0, 0, 255))
+                frames.append(np.clip(simulate_fluoroscopy(li, rng, strength=fluoro_strength) * 255.0, 0, 255))
 
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -140,7 +143,8 @@ def simulate_sequence(out_dir, n_frames: int = 20, seed: int = 0, realism: str =
     write_bones_json(tmp / "truth" / "bones.json", bones)
     info = {"n_frames": n_frames, "seed": seed, "realism": realism, "image_size": list(geometry.image_size),
             "subject": description, "clean_drr_counts_per_mm": CLEAN_DRR_COUNTS_PER_MM,
-            "polarity": "drr" if realism == "none" else "xray", "seconds": round(time.time() - t0, 2)}
+            "polarity": "drr" if realism == "none" else "xray",
+            "fluoro_strength": fluoro_strength if realism == "fluoro" else None, "seconds": round(time.time() - t0, 2)}
     (tmp / "simulation.json").write_text(json.dumps(info, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
