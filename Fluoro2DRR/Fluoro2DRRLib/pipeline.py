@@ -119,7 +119,7 @@ def _read_previous(out_dir: Path, fingerprint: str, names) -> tuple[dict | None,
 
 def run_registration(frames, geometry, bones: dict, out_dir, init_poses=None, translation="none",
                      device="auto", polarity="auto", resume=False, settings=None, progress=True,
-                     inputs_description: dict | None = None):
+                     inputs_description: dict | None = None, default_poses: dict | None = None):
     """Register and write results frame by frame. Returns the SequenceResult (poses for every frame)."""
     from tqdm import tqdm
 
@@ -160,7 +160,7 @@ def run_registration(frames, geometry, bones: dict, out_dir, init_poses=None, tr
         if start < n:
             register_sequence(frames, geometry, bones, init_poses=init_poses, translation=translation, device=device,
                               settings=settings, polarity=polarity, start_frame=start, previous=previous,
-                              on_frame=on_frame)
+                              on_frame=on_frame, default_poses=default_poses)
     except KeyboardInterrupt:
         status = "interrupted"
         raise

@@ -124,6 +124,20 @@ def _rotation_deg(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ---- the image side -----------------------------------------------------------------------------
+def prepare_translated_frame(raw_frame: np.ndarray, translated: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A frame translated by the bundled networks -> (line-integral image, field-of-view mask, info).
+
+    The networks output the clean target of fluoro_sim: exp(-line integral / scale), bone dark on white, so
+    -log inverts it exactly (up to the scale, which NCC ignores). The field of view comes from the raw
+    frame: outside the image-intensifier circle the networks paint a uniform grey.
+    """
+    from .metrics import field_of_view_mask
+
+    fov = np.asarray(field_of_view_mask(np.asarray(raw_frame, np.float32)), dtype=np.float32)
+    image = -np.log(np.clip(np.asarray(translated, np.float32), 1e-3, 1.0)) * fov
+    return image.astype(np.float32), fov, {"polarity": "translated", "reason": "bundled translation"}
+
+
 def prepare_frame(frame: np.ndarray, polarity: str = "auto") -> tuple[np.ndarray, np.ndarray, dict]:
     """(line-integral-polarity image, field-of-view mask, info) at the frame's own resolution."""
     from .metrics import field_of_view_mask
@@ -373,6 +387,8 @@ class Registrar:
     # -- one frame --
     def register_frame(self, frame_image: np.ndarray, fov: np.ndarray, start: dict[str, np.ndarray],
                        auto: bool, tracking: bool, polarity: str = "drr") -> tuple[dict[str, np.ndarray], float, int, bool]:
+        """``polarity`` of the prepared image's source: "drr", "xray" (raw fluoroscopy: high-passed global NCC
+        against soft tissue) or "translated"."""
         self.highpass = self.settings.xray_highpass_fraction if polarity == "xray" else 0.0
         fl = self.fixed_levels(frame_image, fov)
         s = self.settings
@@ -478,10 +494,12 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
                       device: str = "auto", settings: RegistrationSettings | None = None, progress=None,
                       should_stop=None, polarity: str = "auto", start_frame: int = 0,
                       previous: dict[str, np.ndarray] | None = None, registrar: Registrar | None = None,
-                      on_frame=None) -> SequenceResult:
+                      on_frame=None, default_poses: dict[str, np.ndarray] | None = None) -> SequenceResult:
     """Register every frame. ``init_poses``: name -> (1, 4, 4) (first frame) or (N, 4, 4) (every frame);
     without it the first frame (and any lost frame) gets the automatic start from :func:`default_pose`.
 
+    ``default_poses`` (name -> 4x4): a rough pose the automatic start searches around (default: each bone
+    on the principal ray at the nominal patient distance, in a lateral view).
     ``progress(done, total, FrameResult)`` after each frame; ``should_stop()`` is checked between frames
     (finished frames are returned); ``on_frame(FrameResult)`` lets callers write results frame by frame.
     """
@@ -500,11 +518,11 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
     settings = settings or RegistrationSettings()
     registrar = registrar or Registrar(geometry, bones, settings, device)
     names = registrar.names
+    translated = None
     if translation == "bundled":
         from .translation.inference import Translator
 
-        frames = Translator.load(device=device).translate(frames)
-        polarity = "drr"
+        translated = Translator.load(device=device).translate(frames[start_frame:])
     elif translation != "none":
         raise InputError("--translation", f"must be 'none' or 'bundled', not {translation!r}")
 
@@ -518,7 +536,8 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
             per_frame_init = arrays
         elif arrays:
             first_init = {k: a[0] for k, a in arrays.items()}
-    defaults = {name: default_pose(geometry, bones[name]) for name in names}
+    defaults = {name: (np.asarray(default_poses[name], float) if default_poses and name in default_poses
+                       else default_pose(geometry, bones[name])) for name in names}
 
     poses = {name: np.full((n, 4, 4), np.nan) for name in names}
     if previous is not None:
@@ -530,7 +549,10 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
         if should_stop is not None and should_stop():
             break
         t0 = time.time()
-        image, fov, frame_info = prepare_frame(frames[i], polarity)
+        if translated is not None:
+            image, fov, frame_info = prepare_translated_frame(frames[i], translated[i - start_frame])
+        else:
+            image, fov, frame_info = prepare_frame(frames[i], polarity)
         have_prev = i > 0 and all(np.all(np.isfinite(poses[nm][i - 1])) for nm in names)
         reinit = False
         note = ""

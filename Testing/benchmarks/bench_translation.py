@@ -31,16 +31,20 @@ def seconds_per_frame(tr, frame, stage, repeats):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1],
+                    help="thread counts to time (2 = the target; on a loaded 2-core machine 1 is faster)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
     rng = np.random.default_rng(0)
     frame = rng.uniform(0, 255, (1, 512, 512)).astype(np.float32)
     both = Translator.load(device="cpu", stage="both")
     s2only = Translator.load(device="cpu", stage="2")
-    print(f"CPU, {torch.get_num_threads()} threads, 512x512 frame (networks at {both.image_size}px):")
-    print(f"  stage 1   : {seconds_per_frame(both, frame, '1', args.repeats):.3f} s/frame")
-    print(f"  stage 2   : {seconds_per_frame(s2only, frame, '2', args.repeats):.3f} s/frame")
-    print(f"  both      : {seconds_per_frame(both, frame, 'both', args.repeats):.3f} s/frame")
+    for th in args.threads:
+        torch.set_num_threads(th)
+        print(f"CPU, {torch.get_num_threads()} thread(s), 512x512 frame (networks at {both.image_size}px):")
+        print(f"  stage 1   : {seconds_per_frame(both, frame, '1', args.repeats):.3f} s/frame")
+        print(f"  stage 2   : {seconds_per_frame(s2only, frame, '2', args.repeats):.3f} s/frame")
+        print(f"  both      : {seconds_per_frame(both, frame, 'both', args.repeats):.3f} s/frame")
+    torch.set_num_threads(args.threads[0])
     big = rng.uniform(0, 255, (1, 1024, 1024)).astype(np.float32)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     both.translate(big)

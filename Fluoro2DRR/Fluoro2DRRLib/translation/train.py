@@ -408,7 +408,7 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
                     opt2.zero_grad(set_to_none=True)
                     loss.backward()
                     opt2.step()
-                    terms["total"] = float(loss)
+                    terms["total"] = float(loss.detach())
                     for k, v in terms.items():
                         run[k] = 0.9 * run.get(k, v) + 0.1 * v
                     bar.set_postfix({k: f"{v:.3g}" for k, v in run.items()}, refresh=False)

@@ -1,0 +1,225 @@
+"""Registration benchmark: our engine vs a naive DiffDRR baseline on a simulated knee flexion sequence.
+
+    .venv/bin/python Testing/benchmarks/bench_registration.py [--frames 20] [--baseline-frames 2]
+
+Subject: the real knee MRI label map in ../shared/data when present, the procedural phantom otherwise.
+Sequences: clean DRR frames and simulated fluoroscopy (raw, no translation), 256 x 256 detector.
+Our engine: automatic start on frame 0 from a default pose off by up to 30 mm in-plane, 50 mm in depth
+and 15 deg, then tracking. Baseline: full-resolution Siddon, one scale, 100 Adam iterations (lr 1e-2 rad,
+1 mm), started on the same frames from the same starts as a tracking step (previous frame's truth) --
+and our engine from those same starts too, so both columns compare like with like.
+Prints a table and writes it (markdown + JSON) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared" / "data"
+LABELMAP = SHARED / "knee_mri_labels" / "SAG_3D_DESS_RIGHT_bones_cart_men_fib-label.nrrd"
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def far_default(truth, bones, geometry, rng):
+    from scipy.spatial.transform import Rotation
+
+    out = {}
+    beam = geometry.beam_direction_world
+    for n in truth:
+        p = truth[n][0]
+        c = (p @ np.r_[bones[n].centroid_mm, 1.0])[:3]
+        axis = rng.normal(size=3)
+        axis /= np.linalg.norm(axis)
+        ip = rng.normal(size=3)
+        ip -= ip @ beam * beam
+        ip /= np.linalg.norm(ip)
+        m = np.eye(4)
+        m[:3, :3] = Rotation.from_rotvec(axis * np.radians(rng.uniform(10, 15))).as_matrix()
+        m[:3, 3] = c + ip * rng.uniform(15, 30) + beam * rng.uniform(-50, 50) - m[:3, :3] @ c
+        out[n] = m @ p
+    return out
+
+
+def summarise(est, truth, bones, geometry, frames=None):
+    from Fluoro2DRRLib.evaluate import pose_errors, summarise as summ
+
+    out = {}
+    for n in truth:
+        idx = slice(None) if frames is None else frames
+        out[n] = summ(pose_errors(est[n][idx], truth[n][idx], bones[n].centroid_mm, geometry))
+    return out
+
+
+def naive_baseline(geometry, bones, frame, start, iterations=100):
+    """Full-resolution Siddon, one scale, Adam: what a first DiffDRR registration loop looks like."""
+    from Fluoro2DRRLib.registration import compose_update, prepare_frame, similarity
+    from Fluoro2DRRLib.render import TwoBoneRenderer
+
+    names = list(start)
+    renderer = TwoBoneRenderer(geometry, [bones[n] for n in names], "siddon")
+    image, fov, info = prepare_frame(frame)
+    fixed = torch.as_tensor(image)[None, None]
+    mask = torch.as_tensor(fov)[None, None]
+    hp = 0.08 if info["polarity"] == "xray" else 0.0
+    poses = torch.as_tensor(np.stack([start[n] for n in names])[None], dtype=torch.float32)
+    c = torch.as_tensor(np.stack([(start[n] @ np.r_[bones[n].centroid_mm, 1])[:3] for n in names])[None],
+                        dtype=torch.float32)
+    w = torch.zeros(1, len(names), 3, requires_grad=True)
+    v = torch.zeros(1, len(names), 3, requires_grad=True)
+    opt = torch.optim.Adam([{"params": [w], "lr": 1e-2}, {"params": [v], "lr": 1.0}])
+    for _ in range(iterations):
+        opt.zero_grad()
+        loss = -similarity(fixed, renderer(compose_update(poses, c, w, v)).sum(1, keepdim=True), mask, hp).sum()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        out = compose_update(poses, c, w, v)[0].double().numpy()
+    return {n: out[i] for i, n in enumerate(names)}
+
+
+def run_case(label, sim_dir, args, rows, details):
+    from Fluoro2DRRLib import pose_io
+    from Fluoro2DRRLib.bones import bone_from_mesh_file
+    from Fluoro2DRRLib.calibration_io import load_calibration
+    from Fluoro2DRRLib.frames_io import load_frames
+    from Fluoro2DRRLib.pipeline import run_registration
+    from Fluoro2DRRLib.registration import Registrar, RegistrationSettings, prepare_frame
+
+    geometry = load_calibration(sim_dir / "calibration.json")
+    bones = {n: bone_from_mesh_file(sim_dir / "models" / f"{n}.stl", n) for n in ("femur", "tibia")}
+    truth = pose_io.read_poses_csv(sim_dir / "truth" / "poses.csv")
+    frames = load_frames(sim_dir / "frames").frames
+    rng = np.random.default_rng(11)
+    default = far_default(truth, bones, geometry, rng)
+    out_dir = Path(args.out) / f"engine_{label}"
+    import shutil
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    t0 = time.time()
+    result = run_registration(frames, geometry, bones, out_dir, None, progress=True, default_poses=default)
+    total = time.time() - t0
+    secs = [q["seconds"] for q in result.quality]
+    summary = summarise(result.poses, truth, bones, geometry)
+    rows.append((f"engine, {label}: auto start + tracking, all {len(frames)} frames", summary,
+                 float(np.median(secs[1:])) if len(secs) > 1 else secs[0], secs[0]))
+    details[f"engine_{label}"] = {"summary": summary, "seconds_per_frame": secs, "total_seconds": total,
+                                  "quality": result.quality}
+
+    # like-with-like: the same tracking starts (previous frame's truth) for both methods
+    picks = list(range(1, len(frames), max(1, (len(frames) - 1) // max(args.baseline_frames, 1))))[:args.baseline_frames]
+    registrar = Registrar(geometry, bones, RegistrationSettings())
+    est_engine = {n: np.full_like(truth[n], np.nan) for n in truth}
+    est_naive = {n: np.full_like(truth[n], np.nan) for n in truth}
+    t_engine, t_naive = [], []
+    for k in picks:
+        start = {n: truth[n][k - 1] for n in truth}
+        image, fov, info = prepare_frame(frames[k])
+        t = time.time()
+        res, *_ = registrar.register_frame(image, fov, start, False, True, info["polarity"])
+        t_engine.append(time.time() - t)
+        t = time.time()
+        naive = naive_baseline(geometry, bones, frames[k], start)
+        t_naive.append(time.time() - t)
+        for n in truth:
+            est_engine[n][k] = res[n]
+            est_naive[n][k] = naive[n]
+        print(f"  {label} frame {k}: engine {t_engine[-1]:.1f} s, naive {t_naive[-1]:.1f} s", flush=True)
+    s_engine = summarise(est_engine, truth, bones, geometry, picks)
+    s_naive = summarise(est_naive, truth, bones, geometry, picks)
+    rows.append((f"engine, {label}: same starts as baseline ({len(picks)} frames)", s_engine,
+                 float(np.median(t_engine)), None))
+    rows.append((f"naive DiffDRR, {label}: Siddon 256 px, 1 scale, 100 Adam it. ({len(picks)} frames)", s_naive,
+                 float(np.median(t_naive)), None))
+    details[f"paired_{label}"] = {"frames": picks, "engine": s_engine, "naive": s_naive,
+                                  "engine_seconds": t_engine, "naive_seconds": t_naive}
+
+
+def memory_check(args, details):
+    """Peak memory registering 1024 x 1024 frames (2 frames, tracking)."""
+    from Fluoro2DRRLib import pose_io
+    from Fluoro2DRRLib.bones import bone_from_mesh_file
+    from Fluoro2DRRLib.calibration_io import load_calibration
+    from Fluoro2DRRLib.frames_io import load_frames
+    from Fluoro2DRRLib.pipeline import run_registration
+    from Fluoro2DRRLib.simulate import simulate_sequence
+
+    d = Path(args.out) / "sim_1024"
+    simulate_sequence(d, n_frames=2, seed=4, image_size=1024, overwrite=True, progress=False)
+    geometry = load_calibration(d / "calibration.json")
+    bones = {n: bone_from_mesh_file(d / "models" / f"{n}.stl", n) for n in ("femur", "tibia")}
+    truth = pose_io.read_poses_csv(d / "truth" / "poses.csv")
+    frames = load_frames(d / "frames").frames
+    import shutil
+
+    shutil.rmtree(Path(args.out) / "engine_1024", ignore_errors=True)
+    run_registration(frames, geometry, bones, Path(args.out) / "engine_1024", {n: truth[n][:1] for n in truth},
+                     progress=False)
+    details["peak_rss_gb_1024"] = peak_rss_gb()
+
+
+def fmt_row(name, summary, sec, first):
+    cells = []
+    for bone in ("femur", "tibia"):
+        s = summary[bone]
+        cells.append(f"{s['in_plane_mm_median']:.2f} / {s['in_plane_mm_p95']:.2f} | "
+                     f"{s['out_of_plane_mm_median']:.2f} / {s['out_of_plane_mm_p95']:.2f} | "
+                     f"{s['rotation_deg_median']:.2f} / {s['rotation_deg_p95']:.2f} | {s['success_rate_pct']:.0f}")
+    first_s = f" (first frame {first:.1f})" if first is not None else ""
+    return f"| {name} | {sec:.2f}{first_s} | " + " | ".join(cells) + " |"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, default=20)
+    ap.add_argument("--baseline-frames", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "bench_out" / "registration"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cases", default="clean,fluoro")
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from Fluoro2DRRLib.simulate import simulate_sequence
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    subject = {"labelmap": str(LABELMAP)} if LABELMAP.exists() else {}
+    subject_name = "knee MRI label map (../shared)" if subject else "procedural knee phantom"
+    rows, details = [], {}
+    for case in args.cases.split(","):
+        realism = "none" if case == "clean" else "fluoro"
+        sim_dir = out / f"sim_{case}"
+        print(f"simulating {args.frames} {case} frames of the {subject_name}", flush=True)
+        simulate_sequence(sim_dir, n_frames=args.frames, seed=21, realism=realism, image_size=256, overwrite=True,
+                          progress=False, **subject)
+        run_case(case, sim_dir, args, rows, details)
+    if not args.skip_memory:
+        memory_check(args, details)
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'CPU'}"
+    header = ("| run | s/frame (median) | femur in-plane mm med/p95 | out-of-plane mm | rotation deg | success % "
+              "| tibia in-plane mm med/p95 | out-of-plane mm | rotation deg | success % |\n|" + "---|" * 10)
+    lines = [f"Subject: {subject_name}; 256 x 256 detector; {machine}; torch {torch.__version__}.", "", header]
+    lines += [fmt_row(*r) for r in rows]
+    lines.append("")
+    lines.append(f"Peak resident memory of this benchmark process: {peak_rss_gb():.2f} GB"
+                 + (f" (including a 1024 x 1024 two-frame registration: {details['peak_rss_gb_1024']:.2f} GB)"
+                    if "peak_rss_gb_1024" in details else ""))
+    table = "\n".join(lines)
+    print("\n" + table)
+    (out / "registration_benchmark.md").write_text(table + "\n")
+    (out / "registration_benchmark.json").write_text(json.dumps(details, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
