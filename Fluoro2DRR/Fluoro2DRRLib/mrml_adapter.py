@@ -566,13 +566,15 @@ def table_to_columns(table_node) -> dict:
 def quality_table_node(scene, quality: list, failed_frames=(), name: str = "Registration quality"):
     """Per-frame quality dicts (frame, similarity, iterations, converged, ...) -> table node.
 
-    Adds a ``failed`` column (1 for frames in ``failed_frames`` or with ``converged`` false).
+    The ``failed`` column is 1 for frames in ``failed_frames`` or failed by their own quality
+    (:func:`failed_frames_from_quality`).
     """
     keys = []
     for row in quality:
         for k in row:
-            if k not in keys:
+            if k not in keys and k != "failed":
                 keys.append(k)
+    own_failures = failed_frames_from_quality(quality)
     failed = set(int(i) for i in failed_frames)
     cols = {k: [] for k in keys}
     cols["failed"] = []
@@ -581,7 +583,7 @@ def quality_table_node(scene, quality: list, failed_frames=(), name: str = "Regi
             v = row.get(k)
             cols[k].append(int(v) if isinstance(v, (bool, np.bool_)) else v)
         frame = int(row.get("frame", idx))
-        cols["failed"].append(1 if (frame in failed or row.get("converged") is False) else 0)
+        cols["failed"].append(1 if (frame in failed or frame in own_failures) else 0)
     table = _table_from_columns(scene, name, cols, "quality")
     table.SetAttribute(FAILED_FRAMES, ",".join(str(i) for i in sorted(failed)))
     return table
@@ -787,21 +789,33 @@ def frames_from_any(frames_input):
 
 
 def failed_frames_from_quality(quality: list) -> set:
-    return {int(q.get("frame", i)) for i, q in enumerate(quality) if q.get("converged", True) is False}
+    """The engine's ``failed`` flag; quality without it (other tools) falls back on ``converged``."""
+    return {int(q.get("frame", i)) for i, q in enumerate(quality)
+            if (q["failed"] if "failed" in q else q.get("converged", True) is False)}
 
 
 class SequenceRegistrationJob:
     """Frame-by-frame registration that a GUI timer can drive in short slices.
 
-    ``step()`` registers the next frame by calling ``register_fn`` (default
-    ``Fluoro2DRRLib.registration.register_sequence``) on a one-frame slice, initialised from the
-    previous frame's poses; ``cancel()`` stops before the next frame and keeps finished frames.
+    ``step()`` registers the next frame with the engine (``registration.register_sequence``) on top of
+    ONE ``registration.Registrar`` built lazily at the first step (renderers of every level are made
+    once): each call starts at the next frame (``start_frame``), passes the poses done so far
+    (``previous``) and stops after one frame (``should_stop``), so the engine's tracking (velocity
+    extrapolation from the two previous frames, lost-track detection and recovery) runs as in a
+    one-shot registration. ``cancel()`` stops before the next frame and keeps finished frames.
     ``poses`` / ``quality`` hold what is done; unfinished frames are NaN (and count as failed).
+
+    ``init_poses``: name -> (1, 4, 4) (first frame) or (N, 4, 4) (every frame); without it the first
+    frame gets the engine's automatic start. ``register_fn``: a stand-in (tests) with the older
+    one-frame contract ``register_fn(frames[i:i+1], geometry, bones, init_poses=..., translation=...,
+    device=..., settings=...)`` returning an object with ``poses`` (name -> (1, 4, 4)) and ``quality``.
     """
 
     def __init__(self, frames, geometry: CArmGeometry, bones: dict, translation: str = "bundled",
                  device: str = "auto", settings=None, init_poses: dict | None = None, register_fn=None):
         self.frames = np.asarray(frames, dtype=np.float32)
+        if self.frames.ndim == 2:
+            self.frames = self.frames[None]
         self.geometry = geometry
         self.bones = bones
         self.translation = translation
@@ -809,9 +823,14 @@ class SequenceRegistrationJob:
         self.settings = settings
         self.init_poses = init_poses
         self._register = register_fn
+        self._registrar = None
+        self._translator = None
+        self._translated = None
+        self._translated_done: set = set()
         n = len(self.frames)
         self.poses = {name: np.full((n, 4, 4), np.nan) for name in bones}
         self.quality: list = []
+        self.frame_results: list = []  # the engine's FrameResult per finished frame
         self.next_frame = 0
         self.cancelled = False
 
@@ -833,23 +852,77 @@ class SequenceRegistrationJob:
             self._register = register_sequence
         return self._register
 
-    def step(self) -> bool:
-        """Register one frame; returns False when there is nothing left to do."""
-        if self.done:
-            return False
-        i = self.next_frame
+    def _uses_engine(self, fn) -> bool:
+        from . import registration  # noqa: PLC0415
+
+        return fn is registration.register_sequence
+
+    @property
+    def registrar(self):
+        """The engine's ``Registrar`` (renderers of every level), built at the first use."""
+        if self._registrar is None:
+            from .registration import Registrar, RegistrationSettings  # noqa: PLC0415
+
+            self.settings = self.settings or RegistrationSettings()
+            self._registrar = Registrar(self.geometry, self.bones, self.settings, self.device)
+        return self._registrar
+
+    def _translated_up_to(self, i: int):
+        """Frames translated by the bundled networks, each translated once (frame ``i`` at step ``i``)."""
+        if self.translation != "bundled":
+            return None
+        if self._translator is None:
+            from .translation.inference import Translator  # noqa: PLC0415
+
+            self._translator = Translator.load(device=self.device)
+            self._translated = np.zeros_like(self.frames)
+            self._translated_done = set()
+        if i not in self._translated_done:
+            self._translated[i] = self._translator.translate(self.frames[i:i + 1])[0]
+            self._translated_done.add(i)
+        return self._translated
+
+    def _step_engine(self, fn, i: int) -> None:
+        """One engine call that registers exactly frame ``i``, continuing the engine's own tracking (poses and
+        quality of the frames before, so velocity prediction and the lost-track test work as in one run)."""
+        collected = []
+        fn(self.frames, self.geometry, self.bones, init_poses=self.init_poses, translation=self.translation,
+           device=self.device, settings=self.settings, start_frame=i, previous=self.poses if i > 0 else None,
+           previous_quality=self.quality, translated_frames=self._translated_up_to(i), registrar=self.registrar,
+           should_stop=lambda: len(collected) >= 1, on_frame=collected.append)
+        if not collected:
+            raise RuntimeError(f"the registration returned no result for frame {i}")
+        fr = collected[0]
+        for name in self.poses:
+            self.poses[name][i] = np.asarray(fr.poses[name], dtype=float)
+        self.quality.append(fr.quality())
+        self.frame_results.append(fr)
+
+    def _step_stand_in(self, fn, i: int) -> None:
         init = None
         if i > 0 and all(np.all(np.isfinite(p[i - 1])) for p in self.poses.values()):
             init = {name: p[i - 1:i].copy() for name, p in self.poses.items()}
         elif self.init_poses is not None:
-            init = {name: np.asarray(p)[i:i + 1] for name, p in self.init_poses.items()}
-        result = self._register_fn()(self.frames[i:i + 1], self.geometry, self.bones, init_poses=init,
-                                     translation=self.translation, device=self.device, settings=self.settings)
+            init = {name: np.asarray(p).reshape(-1, 4, 4)[min(i, len(np.asarray(p).reshape(-1, 4, 4)) - 1)][None]
+                    for name, p in self.init_poses.items()}
+        result = fn(self.frames[i:i + 1], self.geometry, self.bones, init_poses=init,
+                    translation=self.translation, device=self.device, settings=self.settings)
         for name in self.poses:
             self.poses[name][i] = np.asarray(result.poses[name])[0]
         q = dict(result.quality[0]) if result.quality else {}
         q["frame"] = i
         self.quality.append(q)
+
+    def step(self) -> bool:
+        """Register one frame; returns False when there is nothing left to do."""
+        if self.done:
+            return False
+        i = self.next_frame
+        fn = self._register_fn()
+        if self._uses_engine(fn):
+            self._step_engine(fn, i)
+        else:
+            self._step_stand_in(fn, i)
         self.next_frame += 1
         return not self.done
 

@@ -82,11 +82,12 @@ class FrameResult:
     reinitialised: bool
     seconds: float
     note: str = ""
+    failed: bool = False  # similarity below the floor, or still lost after the recovery
 
     def quality(self) -> dict:
         return {"frame": self.frame, "similarity": round(float(self.similarity), 5), "iterations": self.iterations,
                 "converged": bool(self.converged), "reinitialised": bool(self.reinitialised),
-                "seconds": round(self.seconds, 3), "note": self.note}
+                "failed": bool(self.failed), "seconds": round(self.seconds, 3), "note": self.note}
 
 
 @dataclass
@@ -295,7 +296,7 @@ class Registrar:
                 loss = loss + 0.0 * x.sum()
             loss.backward()
             count[0] += 1
-            history.append(float(loss) / poses.shape[0])
+            history.append(float(loss.detach()) / poses.shape[0])
             return loss
 
         opt.step(closure)
@@ -494,12 +495,18 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
                       device: str = "auto", settings: RegistrationSettings | None = None, progress=None,
                       should_stop=None, polarity: str = "auto", start_frame: int = 0,
                       previous: dict[str, np.ndarray] | None = None, registrar: Registrar | None = None,
-                      on_frame=None, default_poses: dict[str, np.ndarray] | None = None) -> SequenceResult:
+                      on_frame=None, default_poses: dict[str, np.ndarray] | None = None,
+                      previous_quality: list[dict] | None = None,
+                      translated_frames: np.ndarray | None = None) -> SequenceResult:
     """Register every frame. ``init_poses``: name -> (1, 4, 4) (first frame) or (N, 4, 4) (every frame);
     without it the first frame (and any lost frame) gets the automatic start from :func:`default_pose`.
 
     ``default_poses`` (name -> 4x4): a rough pose the automatic start searches around (default: each bone
     on the principal ray at the nominal patient distance, in a lateral view).
+    ``previous``/``previous_quality``: poses and quality of the frames before ``start_frame`` (resume, or a
+    caller stepping one frame at a time): tracking and the lost-track test continue from them.
+    ``translated_frames``: frames already translated (aligned with ``frames``) so that a caller stepping
+    frame by frame translates each frame once.
     ``progress(done, total, FrameResult)`` after each frame; ``should_stop()`` is checked between frames
     (finished frames are returned); ``on_frame(FrameResult)`` lets callers write results frame by frame.
     """
@@ -520,9 +527,13 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
     names = registrar.names
     translated = None
     if translation == "bundled":
-        from .translation.inference import Translator
+        if translated_frames is not None:
+            translated = np.asarray(translated_frames, dtype=np.float32)
+        else:
+            from .translation.inference import Translator
 
-        translated = Translator.load(device=device).translate(frames[start_frame:])
+            translated = np.zeros_like(frames)
+            translated[start_frame:] = Translator.load(device=device).translate(frames[start_frame:])
     elif translation != "none":
         raise InputError("--translation", f"must be 'none' or 'bundled', not {translation!r}")
 
@@ -544,13 +555,14 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
         for name in names:
             poses[name][:start_frame] = previous[name][:start_frame]
     quality: list[dict] = []
-    sims: list[float] = []
+    sims: list[float] = [float(q["similarity"]) for q in (previous_quality or [])
+                         if not q.get("failed", False)][-5:]
     for i in range(start_frame, n):
         if should_stop is not None and should_stop():
             break
         t0 = time.time()
         if translated is not None:
-            image, fov, frame_info = prepare_translated_frame(frames[i], translated[i - start_frame])
+            image, fov, frame_info = prepare_translated_frame(frames[i], translated[i])
         else:
             image, fov, frame_info = prepare_frame(frames[i], polarity)
         have_prev = i > 0 and all(np.all(np.isfinite(poses[nm][i - 1])) for nm in names)
@@ -581,6 +593,7 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
                 return bad or jump_mm > settings.max_jump_mm or jump_deg > settings.max_jump_deg, jump_mm, jump_deg
 
             is_lost, jump_mm, jump_deg = lost(sim, result)
+            still_lost = False
             if is_lost:
                 note = f"lost track (similarity {sim:.3f} vs {ref:.3f}, jump {jump_mm:.1f} mm {jump_deg:.1f} deg)"
                 reinit = True
@@ -593,11 +606,15 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
                         result, sim, conv = r2, s2, c2
                     if not lost(sim, result)[0]:
                         break
+                else:
+                    still_lost = True
         for nm in names:
             poses[nm][i] = result[nm]
-        sims.append(sim)
+        failed = bool(sim < settings.min_similarity or (tracking and still_lost))
+        if not failed:
+            sims.append(sim)
         fr = FrameResult(i, {nm: result[nm] for nm in names}, sim, iters, bool(conv and sim >= settings.min_similarity),
-                         reinit, time.time() - t0, note)
+                         reinit, time.time() - t0, note, failed)
         quality.append(fr.quality())
         if on_frame is not None:
             on_frame(fr)
