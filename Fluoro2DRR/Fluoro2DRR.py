@@ -66,7 +66,9 @@ class Fluoro2DRRParameterNode:
     tibiaNode: slicer.vtkMRMLDisplayableNode
     ctVolume: slicer.vtkMRMLScalarVolumeNode
     side: Annotated[str, Choice(["right", "left"])] = "right"
-    translation: Annotated[str, Choice(["bundled", "none"])] = "bundled"
+    # "none" by default: the bundled translation model is a proof of concept that measured worse than raw
+    # frames on simulated fluoroscopy (see Resources/Models/MODEL_CARD.md and the README benchmarks)
+    translation: Annotated[str, Choice(["none", "bundled"])] = "none"
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     femurTransformSequence: slicer.vtkMRMLSequenceNode
     tibiaTransformSequence: slicer.vtkMRMLSequenceNode
@@ -401,7 +403,7 @@ class Fluoro2DRRLogic(ScriptedLoadableModuleLogic):
         return ma.geometry_from_any(calibration, image_size=size)
 
     # ---- registration ------------------------------------------------------------------------
-    def prepareJob(self, framesSequence, calibration, femurNode, tibiaNode, translation="bundled", device="auto",
+    def prepareJob(self, framesSequence, calibration, femurNode, tibiaNode, translation="none", device="auto",
                    ctNode=None, settings=None, initPoses=None):
         """-> (SequenceRegistrationJob, context) for frame-by-frame (timer-driven) registration.
 
@@ -432,7 +434,7 @@ class Fluoro2DRRLogic(ScriptedLoadableModuleLogic):
         seqs = out["sequences"]
         return seqs["femur"][0], seqs["tibia"][0], out["quality"]
 
-    def run(self, framesSequence, calibration, femurNode, tibiaNode, translation="bundled", device="auto",
+    def run(self, framesSequence, calibration, femurNode, tibiaNode, translation="none", device="auto",
             progress=None, ctNode=None, settings=None, initPoses=None):
         """Blocking registration of every frame -> (femur transform sequence, tibia transform sequence,
         quality table). ``progress(done, total)`` is called after each frame. Same job as the GUI's

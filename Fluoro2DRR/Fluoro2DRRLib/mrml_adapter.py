@@ -811,7 +811,7 @@ class SequenceRegistrationJob:
     device=..., settings=...)`` returning an object with ``poses`` (name -> (1, 4, 4)) and ``quality``.
     """
 
-    def __init__(self, frames, geometry: CArmGeometry, bones: dict, translation: str = "bundled",
+    def __init__(self, frames, geometry: CArmGeometry, bones: dict, translation: str = "none",
                  device: str = "auto", settings=None, init_poses: dict | None = None, register_fn=None):
         self.frames = np.asarray(frames, dtype=np.float32)
         if self.frames.ndim == 2:

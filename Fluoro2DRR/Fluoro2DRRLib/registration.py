@@ -557,6 +557,13 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
     quality: list[dict] = []
     sims: list[float] = [float(q["similarity"]) for q in (previous_quality or [])
                          if not q.get("failed", False)][-5:]
+    # tracking continues from good frames only: a failed frame never seeds the next one
+    good = np.zeros(n, dtype=bool)
+    for k in range(start_frame):
+        good[k] = all(np.all(np.isfinite(poses[nm][k])) for nm in names)
+    for q in previous_quality or []:
+        if q.get("failed", False) and 0 <= int(q["frame"]) < start_frame:
+            good[int(q["frame"])] = False
     for i in range(start_frame, n):
         if should_stop is not None and should_stop():
             break
@@ -565,15 +572,16 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
             image, fov, frame_info = prepare_translated_frame(frames[i], translated[i])
         else:
             image, fov, frame_info = prepare_frame(frames[i], polarity)
-        have_prev = i > 0 and all(np.all(np.isfinite(poses[nm][i - 1])) for nm in names)
+        last_good = int(np.flatnonzero(good[:i])[-1]) if good[:i].any() else None
         reinit = False
         note = ""
         if per_frame_init is not None:
             start = {nm: per_frame_init[nm][i] for nm in names}
             auto, tracking = False, False
-        elif have_prev:
-            prev2_ok = i > 1 and all(np.all(np.isfinite(poses[nm][i - 2])) for nm in names)
-            start = {nm: _extrapolate(poses[nm][i - 1], poses[nm][i - 2] if prev2_ok else None,
+        elif last_good is not None:
+            # constant velocity from the last two good frames when they are consecutive, else the last good pose
+            prev2 = last_good - 1 if last_good > 0 and good[last_good - 1] else None
+            start = {nm: _extrapolate(poses[nm][last_good], None if prev2 is None else poses[nm][prev2],
                                       bones[nm].centroid_mm, geometry) for nm in names}
             auto, tracking = False, True
         elif first_init is not None and i == start_frame:
@@ -587,8 +595,8 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
             ref = float(np.median(sims[-5:])) if sims else sim
 
             def lost(sim_value, pose):
-                jump_mm = max(np.linalg.norm(pose[nm][:3, 3] - poses[nm][i - 1][:3, 3]) for nm in names)
-                jump_deg = max(_rotation_deg(pose[nm], poses[nm][i - 1]) for nm in names)
+                jump_mm = max(np.linalg.norm(pose[nm][:3, 3] - poses[nm][last_good][:3, 3]) for nm in names)
+                jump_deg = max(_rotation_deg(pose[nm], poses[nm][last_good]) for nm in names)
                 bad = (1 - sim_value) > settings.lost_dissimilarity_ratio * (1 - ref) + settings.lost_dissimilarity_margin
                 return bad or jump_mm > settings.max_jump_mm or jump_deg > settings.max_jump_deg, jump_mm, jump_deg
 
@@ -611,6 +619,7 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
         for nm in names:
             poses[nm][i] = result[nm]
         failed = bool(sim < settings.min_similarity or (tracking and still_lost))
+        good[i] = not failed
         if not failed:
             sims.append(sim)
         fr = FrameResult(i, {nm: result[nm] for nm in names}, sim, iters, bool(conv and sim >= settings.min_similarity),

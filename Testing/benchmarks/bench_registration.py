@@ -117,6 +117,8 @@ def run_case(label, sim_dir, args, rows, details):
     details[f"engine_{label}"] = {"summary": summary, "seconds_per_frame": secs, "total_seconds": total,
                                   "quality": result.quality}
 
+    if args.baseline_frames <= 0:
+        return
     # like-with-like: the same tracking starts (previous frame's truth) for both methods
     picks = list(range(1, len(frames), max(1, (len(frames) - 1) // max(args.baseline_frames, 1))))[:args.baseline_frames]
     registrar = Registrar(geometry, bones, RegistrationSettings())
