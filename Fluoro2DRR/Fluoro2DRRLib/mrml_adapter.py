@@ -706,7 +706,7 @@ def prepare_storage_nodes(scene) -> None:
 
 def save_scene_mrb(scene, path) -> Path:
     """Write the whole scene (data + browser) to a Slicer data bundle ``.mrb``."""
-    path = Path(path)
+    path = Path(path).resolve()  # MRML's bundle writer refuses relative directories
     if path.suffix.lower() != ".mrb":
         path = path.with_suffix(".mrb")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -724,7 +724,7 @@ def load_scene_mrb(path, scene=None, cache_dir=None):
     ``cache_dir`` is where the bundle is unpacked (a temporary folder by default, removed afterwards).
     """
     slicer = _slicer()
-    path = Path(path)
+    path = Path(path).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such scene bundle")
     scene = scene if scene is not None else slicer.vtkMRMLScene()

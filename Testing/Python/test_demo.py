@@ -81,3 +81,16 @@ def test_plot_kinematics_writes_png(demo_inputs, tmp_path):
     assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pipeline.plot_kinematics(est, None, tmp_path / "no_truth.png")
     assert (tmp_path / "no_truth.png").is_file()
+
+
+def test_demo_scene_with_a_relative_path(demo_inputs, tmp_path, monkeypatch):
+    """`fluoro2drr demo --out demo_out` passes a relative path; MRML's bundle writer needs an absolute one."""
+    from Fluoro2DRRLib import mrml_adapter as ma
+
+    monkeypatch.chdir(tmp_path)
+    d = demo_inputs
+    path = pipeline.write_demo_scene("relative_out/demo_scene.mrb", d["frames"], d["geometry"], d["bones"],
+                                     d["result"], d["anat"])
+    assert path.is_absolute() and path.is_file()
+    scene = ma.load_scene_mrb("relative_out/demo_scene.mrb")
+    assert len(ma.nodes_by_role(scene, "frames")) + scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode") >= 1
