@@ -19,12 +19,17 @@ DEFAULT_MAYA_PIXEL_SPACING_MM = 0.25
 OPENCV_FROM_SOURCE = SOURCE_FROM_OPENCV  # diag(1, -1, -1, 1) is its own inverse
 
 
-def _read_text(path) -> str:
+def _existing_file(path) -> Path:
     path = Path(path)
     if not path.exists():
         raise InputError(path, "file not found")
     if not path.is_file():
         raise InputError(path, "not a file")
+    return path
+
+
+def _read_text(path) -> str:
+    path = _existing_file(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
@@ -305,11 +310,7 @@ def read_json_calibration(path) -> CArmGeometry:
 
 def load_calibration(path, image_size=None, pixel_spacing_mm=None) -> CArmGeometry:
     """Read any supported calibration, choosing the reader from the content (not the suffix)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file not found")
-    if not path.is_file():
-        raise InputError(path, "not a file")
+    path = _existing_file(path)
     try:
         head = path.read_bytes()[:4096]
     except OSError as exc:

@@ -5,15 +5,7 @@ import pytest
 from Fluoro2DRRLib.errors import InputError
 from Fluoro2DRRLib.kinematics import (anatomical_frame_from_landmarks, anatomical_frame_from_points,
                                       grood_suntay, knee_kinematics)
-
-
-def rot(axis, deg):
-    a = np.radians(deg)
-    c, s = np.cos(a), np.sin(a)
-    m = np.eye(4)
-    i, j = {"x": (1, 2), "y": (2, 0), "z": (0, 1)}[axis]
-    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
-    return m
+from Fluoro2DRRLib.phantom import rotation_matrix as rot
 
 
 def trans(x, y, z):

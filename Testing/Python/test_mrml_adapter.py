@@ -12,13 +12,7 @@ from Fluoro2DRRLib import mrml_adapter as ma  # noqa: E402
 from Fluoro2DRRLib.geometry import CArmGeometry  # noqa: E402
 
 
-def rot(axis, deg):
-    a = np.radians(deg)
-    c, s = np.cos(a), np.sin(a)
-    m = np.eye(4)
-    i, j = {"x": (1, 2), "y": (2, 0), "z": (0, 1)}[axis]
-    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
-    return m
+from Fluoro2DRRLib.phantom import rotation_matrix as rot  # noqa: E402
 
 
 @pytest.fixture
