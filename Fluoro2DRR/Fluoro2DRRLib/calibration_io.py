@@ -5,14 +5,13 @@ JSON (``CArmGeometry.save_json``). :func:`load_calibration` picks the reader fro
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, read_json_object
 from .geometry import SOURCE_FROM_OPENCV, CArmGeometry, rigid_inverse
 
 DEFAULT_MAYA_PIXEL_SPACING_MM = 0.25
@@ -298,14 +297,8 @@ def read_dicom_calibration(path) -> CArmGeometry:
 # JSON and dispatch
 # ---------------------------------------------------------------------------------------------
 def read_json_calibration(path) -> CArmGeometry:
-    text = _read_text(path)
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InputError(path, f"line {exc.lineno}: not valid JSON ({exc.msg})") from None
-    if not isinstance(d, dict):
-        raise InputError(path, "a JSON calibration must be an object")
-    return CArmGeometry.from_dict(d, origin=str(path))
+    _existing_file(path)
+    return CArmGeometry.from_dict(read_json_object(path), origin=str(path))
 
 
 def load_calibration(path, image_size=None, pixel_spacing_mm=None) -> CArmGeometry:

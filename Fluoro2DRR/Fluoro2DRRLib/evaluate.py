@@ -5,14 +5,13 @@ centroid; in-plane = the norm of the rest. Frames whose estimate is NaN are fail
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, read_json_object
 from .geometry import CArmGeometry, apply_transform
 from .pose_io import read_jts, read_poses_csv, rotation_angle_deg, world_pose_from_file_pose
 
@@ -79,13 +78,7 @@ def summarise(errors: dict, success_mm: float = 1.0) -> dict:
 
 
 def _load_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(path, f"cannot read as JSON ({exc.__class__.__name__})") from None
-    if not isinstance(d, dict):
-        raise InputError(path, "expected a JSON object")
-    return d
+    return read_json_object(path)
 
 
 def _bone_info(truth_dir: Path) -> dict:

@@ -8,14 +8,13 @@ The output has the polarity and the fixed intensity map of ``fluoro_sim.clean_dr
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..errors import InputError, read_json_object
 from .networks import UNetGenerator, build_stage2, pad_to_multiple
 
 WEIGHT_FILES = {"stage1": "stage1.pt", "stage2": "stage2.pt"}
@@ -104,12 +103,7 @@ class Translator:
             raise InputError("stage", f"must be 1, 2 or both, not {stage!r}")
         model_dir = Path(model_dir) if model_dir is not None else find_model_dir()
         mj = model_dir / "models.json"
-        if not mj.is_file():
-            raise InputError(mj, "models.json is missing (it lists the weights and their checksums)")
-        try:
-            info = json.loads(mj.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(mj, f"not valid JSON ({exc})") from exc
+        info = read_json_object(mj, missing="models.json is missing (it lists the weights and their checksums)")
         dev = _pick_device(device)
         torch.set_flush_denormal(True)
         s1 = _load_weights(model_dir, info, "stage1")[0].to(dev) if stage in ("1", "both") else None

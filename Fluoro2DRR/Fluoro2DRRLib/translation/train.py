@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import InputError
+from ..errors import InputError, read_json_object
 from .data import SimulatedPairDataset, build_cache, default_source
 from .losses import GeneratorLoss, adversarial_loss
 from .networks import PatchDiscriminator, UNetGenerator, build_stage2, count_parameters
@@ -52,13 +52,7 @@ DEFAULT_CONFIG = {
 def merge_config(config) -> dict:
     """Config dict or JSON path, deep-merged over DEFAULT_CONFIG."""
     if isinstance(config, (str, Path)):
-        p = Path(config)
-        if not p.is_file():
-            raise InputError(p, "training config not found")
-        try:
-            config = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(p, f"not valid JSON ({exc})") from exc
+        config = read_json_object(config, missing="training config not found")
 
     def merge(a, b):
         out = copy.deepcopy(a)
