@@ -256,13 +256,71 @@ def voxelise_polydata(poly, voxel_mm: float, margin_mm: float = 2.0) -> tuple[np
     return mask, ijk_to_mm
 
 
-def density_from_mask(mask: np.ndarray, voxel_mm) -> np.ndarray:
-    """Synthetic bone density: cancellous core and a cortical shell, smoothed by half a voxel."""
+def density_from_mask(mask: np.ndarray, voxel_mm, open_beyond: np.ndarray | None = None) -> np.ndarray:
+    """Synthetic bone density: cancellous core and a cortical shell, smoothed by half a voxel.
+
+    ``open_beyond`` (bool, same shape): voxels that count as bone when measuring the depth below the
+    surface, so faces against them get no cortical shell. Used for the faces where a scan's field of view
+    cut the bone: there the real bone goes on, and its cut section is cancellous, not cortex.
+    """
     voxel_mm = np.broadcast_to(np.asarray(voxel_mm, float), (3,))
-    depth_mm = ndimage.distance_transform_edt(mask, sampling=voxel_mm)
+    inside = mask if open_beyond is None else (mask | open_beyond)
+    depth_mm = ndimage.distance_transform_edt(inside, sampling=voxel_mm)
     shell = (mask & (depth_mm <= CORTICAL_THICKNESS_MM)).astype(np.float32)
     density = CANCELLOUS_DENSITY * mask.astype(np.float32) + (CORTICAL_DENSITY - CANCELLOUS_DENSITY) * shell
     return ndimage.gaussian_filter(density, 0.5).astype(np.float32)
+
+
+def find_cut_faces(points: np.ndarray, triangles: np.ndarray, min_area_mm2: float = 40.0,
+                   max_angle_deg: float = 5.0, tolerance_mm: float = 0.6,
+                   min_width_mm: float = 8.0, max_rim_ratio: float = 2.0) -> list[tuple[np.ndarray, float]]:
+    """Flat caps where a segmentation was cut by its scan's field of view: ``[(outward normal, offset_mm)]``.
+
+    A cap is a set of triangles facing one direction (within ``max_angle_deg``) and lying on the bone's
+    extreme supporting plane in that direction (within ``tolerance_mm``), ``min_area_mm2`` in all, and
+    about ``min_width_mm`` wide both ways (the flat strip along a shaft's side is not a cap), ending at a
+    sharp rim: slanted faces (normal 5-60 deg off) within 3 mm of the plane cover at most
+    ``max_rim_ratio`` times the cap's area (measured: cuts 0.1-1.1, condyle plateaus 3.8 and more).
+    Directions tried: the scan axes (a cut by a volume's edge is axis-aligned in the file's frame) and
+    both ends of the point cloud's long axis. Natural bone ends are curved and are not found.
+    """
+    p = np.asarray(points, float)
+    t = np.asarray(triangles, np.int64)
+    a, b, c = p[t[:, 0]], p[t[:, 1]], p[t[:, 2]]
+    cross = np.cross(b - a, c - a)
+    area = 0.5 * np.linalg.norm(cross, axis=1)
+    normal = cross / np.maximum(2.0 * area[:, None], 1e-12)
+    centre = (a + b + c) / 3.0
+    # a closed mesh's orientation: make normals point outwards (signed volume > 0)
+    if np.einsum("ij,ij->", a, np.cross(b, c)) < 0:
+        normal = -normal
+    q = p - p.mean(0)
+    long_axis = np.linalg.svd(q, full_matrices=False)[2][0]
+    candidates = [s * e for e in np.eye(3) for s in (1.0, -1.0)] + [long_axis, -long_axis]
+    found: list[tuple[np.ndarray, float]] = []
+    cos_max = np.cos(np.radians(max_angle_deg))
+    for d in candidates:
+        extreme = float((p @ d).max())
+        on_cap = (normal @ d > cos_max) & (centre @ d > extreme - tolerance_mm)
+        cap_area = area[on_cap].sum()
+        if cap_area < min_area_mm2:
+            continue
+        # a cut ends at a sharp rim (the shaft's wall drops away at ~90 deg); the flat plateau that a
+        # voxelised surface has at a condyle's extreme blends into a wide band of slanted faces
+        slanted = (normal @ d > 0.5) & (normal @ d <= cos_max) & (centre @ d > extreme - 3.0)
+        if area[slanted].sum() > max_rim_ratio * cap_area:
+            continue
+        # a cap is a disc, not the flat strip along a shaft's side: it spreads both ways in its plane
+        spread = centre[on_cap] - centre[on_cap].mean(0)
+        spread -= np.outer(spread @ d, d)
+        if np.linalg.svd(spread, compute_uv=False)[1] / np.sqrt(on_cap.sum()) < min_width_mm / 4.0:
+            continue
+        n = (normal[on_cap] * area[on_cap, None]).sum(0)
+        n /= np.linalg.norm(n)
+        if any(float(n @ m) > cos_max for m, _ in found):
+            continue
+        found.append((n, float(np.average(centre[on_cap] @ n, weights=area[on_cap]))))
+    return found
 
 
 def bone_from_polydata(poly, name: str, voxel_mm: float = DEFAULT_VOXEL_MM,
@@ -273,7 +331,15 @@ def bone_from_polydata(poly, name: str, voxel_mm: float = DEFAULT_VOXEL_MM,
     if not mask.any():
         raise InputError(source_path or name, "the mesh encloses no voxel (is it closed and in mm?)")
     points, triangles = polydata_arrays(poly)
-    return BoneModel(name=name, density=density_from_mask(mask, voxel_mm), bone_from_ijk=ijk_to_mm,
+    cut_faces = find_cut_faces(points, triangles)
+    open_beyond = None
+    if cut_faces:
+        centres_mm = apply_transform(ijk_to_mm, np.argwhere(np.ones(mask.shape, bool)).astype(float))
+        open_beyond = np.zeros(mask.size, bool)
+        for normal, offset in cut_faces:
+            open_beyond |= centres_mm @ normal > offset - 0.5 * voxel_mm
+        open_beyond = open_beyond.reshape(mask.shape)
+    return BoneModel(name=name, density=density_from_mask(mask, voxel_mm, open_beyond), bone_from_ijk=ijk_to_mm,
                      surface_points_mm=points, surface_triangles=triangles,
                      file_from_bone=np.eye(4) if file_from_bone is None else file_from_bone,
                      source_path=source_path)

@@ -202,3 +202,40 @@ def test_resampled_keeps_centroid_and_mass(femur):
             assert np.linalg.norm(coarse.centroid_mm - bone.centroid_mm) < 0.5
             assert coarse.density.sum() * np.prod(coarse.voxel_mm) == pytest.approx(mass, rel=0.02)
     assert femur.resampled(femur.voxel_mm.min()) is femur
+
+
+def cut_shaft_mask(voxel_mm=0.5):
+    """A 12 mm-radius shaft with a round end at the bottom, cut flat at z = 40 mm by the scan's edge."""
+    z, y, x = np.meshgrid(np.arange(-60, 40.01, voxel_mm), np.arange(-16, 16.01, voxel_mm),
+                          np.arange(-16, 16.01, voxel_mm), indexing="ij")
+    shaft = (x ** 2 + y ** 2 <= 12.0 ** 2) & (z >= -40.0)
+    end = x ** 2 + y ** 2 + (z + 40.0) ** 2 <= 12.0 ** 2
+    mask = (shaft | end).transpose(2, 1, 0)  # [i, j, k] = x, y, z
+    ijk_to_mm = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
+    ijk_to_mm[:3, 3] = (-16.0, -16.0, -60.0)
+    return mask, ijk_to_mm
+
+
+def test_cut_face_is_found_and_left_without_cortex(femur):
+    mask, ijk_to_mm = cut_shaft_mask()
+    points, triangles = B.surface_from_mask(mask, ijk_to_mm)
+    faces = B.find_cut_faces(points, triangles)
+    assert len(faces) == 1
+    normal, offset = faces[0]
+    np.testing.assert_allclose(normal, [0, 0, 1], atol=0.02)
+    assert offset == pytest.approx(40.0, abs=0.6)
+    # natural, curved bone ends are not cuts
+    assert B.find_cut_faces(femur.surface_points_mm, femur.surface_triangles) == []
+    sphere_points, sphere_triangles = B.polydata_arrays(vtk_sphere())
+    assert B.find_cut_faces(sphere_points, sphere_triangles) == []
+
+    bone = B.bone_from_polydata(B.polydata_from_arrays(points, triangles), "shaft", voxel_mm=0.5)
+    centres = apply_transform(bone.bone_from_ijk, np.argwhere(np.ones(bone.density.shape, bool)).astype(float))
+    density = bone.density.ravel()
+    on_axis = np.hypot(centres[:, 0], centres[:, 1]) < 6.0
+    near_cut = on_axis & (centres[:, 2] > 38.5) & (centres[:, 2] < 39.6)
+    near_round_end = on_axis & (centres[:, 2] < -50.5) & (centres[:, 2] > -51.6)
+    mid_shaft = on_axis & (np.abs(centres[:, 2]) < 10.0)
+    # the cut section is cancellous like the shaft's core; the natural end keeps its cortex
+    assert density[near_cut].mean() == pytest.approx(density[mid_shaft].mean(), abs=0.05)
+    assert density[near_round_end].mean() > density[mid_shaft].mean() + 0.3

@@ -111,21 +111,25 @@ class Procedural2DKneeSource:
 
 
 class DRRSource:
-    """Line integrals rendered with DiffDRR (``Fluoro2DRRLib.render``) from the procedural knee
-    phantom (``Fluoro2DRRLib.phantom``) in random squat-like poses of a lateral view.
+    """Line integrals rendered with DiffDRR (``Fluoro2DRRLib.render``) from procedural knee phantoms
+    (``Fluoro2DRRLib.phantom``) in random squat-like poses of a lateral view (``phantom.knee_motion``,
+    the simulator's own motion model), at a random knee depth so the magnification varies.
 
-    Raises ImportError if the renderer / phantom modules are not available. About 0.3-1 s per
-    256x256 sample on a 2-core CPU (the procedural 2D source is ~100x faster).
+    Phantom seeds start at ``first_phantom_seed`` (1000 by default) so that the demo and test phantoms
+    (seeds 0-99) stay unseen. Raises ImportError if the renderer / phantom modules are not available.
+    About 0.3-1 s per 256 x 256 sample on a 2-core CPU (the procedural 2D source is ~100x faster).
     """
 
-    def __init__(self, n_phantoms: int = 3, image_size: int = 256, max_flexion_deg: float = 100.0):
+    def __init__(self, n_phantoms: int = 3, image_size: int = 256, max_flexion_deg: float = 110.0,
+                 first_phantom_seed: int = 1000, knee_depth_fraction=(0.72, 0.92)):
         from .. import phantom, render  # noqa: F401  (ImportError when absent)
         from ..geometry import knee_default_geometry
 
         self._render, self._phantom = render, phantom
         self.geometry = knee_default_geometry().resized(image_size, image_size)
-        self.phantom_seeds = list(range(n_phantoms))
+        self.phantom_seeds = [first_phantom_seed + k for k in range(n_phantoms)]
         self.max_flexion_deg = max_flexion_deg
+        self.knee_depth_fraction = knee_depth_fraction
         self._cache = {}
 
     def _renderer(self, k):
@@ -137,7 +141,7 @@ class DRRSource:
     def sample(self, rng: np.random.Generator, size: int = 256) -> np.ndarray:
         k = int(rng.integers(len(self.phantom_seeds)))
         g = self.geometry
-        depth = g.source_to_patient_mm or 0.85 * g.source_to_detector_mm
+        depth = float(rng.uniform(*self.knee_depth_fraction)) * g.source_to_detector_mm
         n = 16
         poses = self._phantom.knee_flexion_sequence(n, g.world_from_source, depth, seed=int(rng.integers(1 << 30)),
                                                     max_flexion_deg=float(rng.uniform(20, self.max_flexion_deg)))
@@ -151,11 +155,11 @@ class DRRSource:
         return li.numpy().astype(np.float32)
 
 
-def default_source(kind: str = "auto"):
+def default_source(kind: str = "auto", **drr_kwargs):
     """``"procedural"``, ``"drr"`` or ``"auto"`` (DRR when the renderer imports, else procedural)."""
     if kind in ("drr", "auto"):
         try:
-            return DRRSource()
+            return DRRSource(**drr_kwargs)
         except Exception:
             if kind == "drr":
                 raise

@@ -218,7 +218,7 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
     # data
     source = None
     if dcfg["source"] != "procedural":
-        source = default_source(dcfg["source"])
+        source = default_source(dcfg["source"], **dcfg.get("drr", {}))
     tr_cache, va_cache = out / "cache" / "train.npz", out / "cache" / "val.npz"
     if not tr_cache.exists():
         build_cache(tr_cache, dcfg["n_train"], size, dcfg["seed"], source, progress=progress)
