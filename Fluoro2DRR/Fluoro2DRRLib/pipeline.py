@@ -197,6 +197,7 @@ def register_command(args) -> None:
         sizes = tuple(s for s in settings.detector_sizes if s < args.detector_size) + (args.detector_size,)
         settings.detector_sizes = sizes[-3:]
         settings.voxel_mm = settings.voxel_mm[-len(settings.detector_sizes):]
+    settings.compile_renderer = bool(getattr(args, "compile", False))
     description = {"frames": str(args.frames), "calibration": str(args.calibration), "femur": args.femur,
                    "tibia": args.tibia, "ct": args.ct, "labels": args.labels}
     result = run_registration(stack.frames, geometry, bones, args.out, init or None, args.translation, args.device,

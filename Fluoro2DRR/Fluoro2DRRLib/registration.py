@@ -44,7 +44,9 @@ class RegistrationSettings:
     stop_patience: int = 4
     # converged: the finest level stopped by itself, or its similarity rose less than this over its second half
     converged_similarity_gain: float = 2e-4
-    renderer: str = "trilinear"
+    # per level, or one name for all: "trilinear" (sampled inside each bone's box) or "siddon" (exact)
+    renderer: str | tuple[str, ...] = "trilinear"
+    compile_renderer: bool = False  # torch.compile the DiffDRR renderer (measured: see bench_speed_levers)
     optimizer: str = "lbfgs"  # "lbfgs" (strong-Wolfe line search) or "adam"
     rotation_scale_mm: float = 50.0  # lbfgs works on (w * this, v): radians at a lever arm of 50 mm ~ mm
     # Each level searches a bounded region around its start (smooth tanh bounds): the line search
@@ -205,10 +207,14 @@ class Registrar:
         self.bones = bones
         s = self.settings
         self.levels = []
-        for size, voxel in zip(s.detector_sizes, s.voxel_mm):
+        renderers = (s.renderer,) * len(s.detector_sizes) if isinstance(s.renderer, str) else tuple(s.renderer)
+        if len(renderers) != len(s.detector_sizes) or len(s.voxel_mm) != len(s.detector_sizes):
+            raise InputError("settings", "detector_sizes, voxel_mm and renderer need one entry per level")
+        for size, voxel, kind in zip(s.detector_sizes, s.voxel_mm, renderers):
             g = geometry.resized(size)
             level_bones = [bones[n].resampled(voxel) for n in self.names]
-            self.levels.append(TwoBoneRenderer(g, level_bones, s.renderer, device=self.device))
+            self.levels.append(TwoBoneRenderer(g, level_bones, kind, device=self.device,
+                                               compile_renderer=s.compile_renderer))
         self.centroids_bone = {n: bones[n].centroid_mm for n in self.names}
         self.highpass = 0.0  # set per frame from its polarity
 

@@ -10,6 +10,7 @@ from scipy.spatial.transform import Rotation
 
 from Fluoro2DRRLib import pose_io
 from Fluoro2DRRLib.bones import bone_from_mesh_file
+from Fluoro2DRRLib.errors import InputError
 from Fluoro2DRRLib.evaluate import pose_errors
 from Fluoro2DRRLib.frames_io import load_frames
 from Fluoro2DRRLib.geometry import CArmGeometry
@@ -96,6 +97,25 @@ def test_recovers_perturbed_pose_on_clean_frames(clean):
         assert after[n]["in_plane_mm"] < 0.5, after
         assert after[n]["rotation_deg"] < 1.5, after
     assert sim > 0.97
+
+
+def test_per_level_renderer_siddon_at_the_finest_level(clean):
+    """The renderer is chosen per level; exact Siddon at 256 px after trilinear levels lands as well."""
+    _, geometry, bones, truth, frames = clean
+    # the last level exact (Siddon) at 128 px: the test's budget; the product default is 256 px trilinear
+    registrar = Registrar(geometry, bones, small_settings(detector_sizes=(64, 128, 128),
+                                                          renderer=("trilinear", "trilinear", "siddon")))
+    assert [r.renderer_name for r in registrar.levels] == ["trilinear", "trilinear", "siddon"]
+    rng = np.random.default_rng(2)
+    image, fov, _ = prepare_frame(frames[2])
+    start = {n: perturb(truth[n][2], bones[n].centroid_mm, 2.0, 2.0, 2.0, geometry, rng) for n in truth}
+    result, sim, *_ = registrar.register_frame(image, fov, start, auto=False, tracking=True)
+    after = errors(result, truth, bones, geometry, 2)
+    for n in truth:
+        assert after[n]["in_plane_mm"] < 0.5, after
+        assert after[n]["rotation_deg"] < 1.5, after
+    with pytest.raises(InputError, match="one entry per level"):
+        Registrar(geometry, bones, small_settings(renderer=("trilinear", "siddon")))
 
 
 def test_recovers_perturbed_pose_on_raw_fluoroscopy(fluoro):
@@ -188,8 +208,6 @@ def test_tracking_and_resume(sequence, tmp_path):
 
 
 def test_bad_inputs_are_clear(clean):
-    from Fluoro2DRRLib.errors import InputError
-
     _, geometry, bones, truth, frames = clean
     with pytest.raises(InputError, match="disagrees with the calibration"):
         register_sequence(frames[:, :64, :64], geometry, bones)
