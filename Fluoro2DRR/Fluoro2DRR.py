@@ -111,6 +111,8 @@ class Fluoro2DRRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.viewFromSourceButton.connect("clicked(bool)", self.onViewFromSource)
         self.ui.showFramePlaneButton.connect("clicked(bool)", self.onShowFramePlane)
+        self.ui.showOutlinesButton.connect("clicked(bool)", self.onShowOutlines)
+        self.ui.importPosesButton.connect("clicked(bool)", self.onImportPoses)
         self.ui.computeKinematicsButton.connect("clicked(bool)", self.onComputeKinematics)
         self.ui.showPlotButton.connect("clicked(bool)", self.onShowPlot)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
@@ -278,6 +280,34 @@ class Fluoro2DRRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Cannot show the frame in 3D.", waitCursor=True):
             self.logic.showFramePlane(p.framesSequence, self._geometry(), opacity=p.overlayOpacity)
 
+    def onShowOutlines(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot draw the bone outlines.", waitCursor=True):
+            self.logic.showBoneOutlines(p.framesSequence, p.femurTransformSequence, p.tibiaTransformSequence,
+                                        p.femurNode, p.tibiaNode, self._geometry(), ctNode=p.ctVolume,
+                                        opacity=p.overlayOpacity)
+
+    def onImportPoses(self) -> None:
+        """Pick .jts / .tra / .csv pose files (file names containing 'femur' / 'tibia')."""
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot import the pose files.", waitCursor=True):
+            paths = qt.QFileDialog.getOpenFileNames(slicer.util.mainWindow(), "JointTrack / Autoscoper pose files",
+                                                    "", "Pose files (*.jts *.tra *.csv)")
+            if not paths:
+                return
+            byBone = {b: next((q for q in paths if b in os.path.basename(q).lower()), None) for b in ("femur", "tibia")}
+            if not any(byBone.values()):
+                raise ValueError("Name the files after the bone (e.g. femur.jts, tibia.jts).")
+            space = "LPS" if slicer.util.confirmYesNoDisplay(
+                "Do the poses refer to the model files as stored in LPS (Slicer's default for STL)?") else "RAS"
+            seqs = self.logic.importPoseFiles(p.framesSequence, self._calibration(), byBone["femur"], byBone["tibia"],
+                                              p.femurNode, p.tibiaNode, modelFileSpace=space)
+            if "femur" in seqs:
+                p.femurTransformSequence = seqs["femur"][0]
+            if "tibia" in seqs:
+                p.tibiaTransformSequence = seqs["tibia"][0]
+            self.ui.statusLabel.text = f"Imported {', '.join(seqs)} poses"
+
     def onComputeKinematics(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Failed to compute the kinematics.", waitCursor=True):
@@ -312,11 +342,13 @@ class Fluoro2DRRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             path = self.logic.saveScene(os.path.join(out, "Fluoro2DRR-session.mrb"))
             self.ui.statusLabel.text = f"Saved {path}"
 
-    def _geometry(self):
+    def _calibration(self):
         p = self._parameterNode
-        calibration = p.calibrationNode if p.calibrationNode else (
+        return p.calibrationNode if p.calibrationNode else (
             str(p.calibrationFile) if str(p.calibrationFile or "") not in ("", ".") else None)
-        return self.logic.geometry(calibration, p.framesSequence)
+
+    def _geometry(self):
+        return self.logic.geometry(self._calibration(), self._parameterNode.framesSequence)
 
 
 #
@@ -464,6 +496,49 @@ class Fluoro2DRRLogic(ScriptedLoadableModuleLogic):
         ma.attach_frame_texture(plane, proxy)
         return plane
 
+    def showBoneOutlines(self, framesSequence, femurSequence, tibiaSequence, femurNode, tibiaNode, geometry,
+                         ctNode=None, opacity: float = 1.0, progress=None):
+        """The registered bones' silhouettes per frame as a volume sequence in the frames' browser, shown
+        over the frame in the slice views (foreground). Failed frames show no outline."""
+        from Fluoro2DRRLib import mrml_adapter as ma  # noqa: PLC0415
+
+        if None in (framesSequence, femurSequence, tibiaSequence, femurNode, tibiaNode):
+            raise ValueError("Register first (or import poses): frames, both pose sequences and both bones are needed.")
+        browser = ma.browser_for_sequence(slicer.mrmlScene, framesSequence)
+        bones = ma.bones_from_nodes({"femur": femurNode, "tibia": tibiaNode}, ct_node=ctNode)
+        poses = {"femur": ma.transform_sequence_to_poses(femurSequence),
+                 "tibia": ma.transform_sequence_to_poses(tibiaSequence)}
+        failed = set(ma.failed_frames_of_sequence(femurSequence)) | set(ma.failed_frames_of_sequence(tibiaSequence))
+        seq, proxy = ma.bone_outline_sequence(slicer.mrmlScene, geometry, bones, poses, browser, failed_frames=failed,
+                                              progress=progress)
+        if hasattr(slicer.util, "setSliceViewerLayers") and proxy is not None:
+            proxy.CreateDefaultDisplayNodes()
+            proxy.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeLabels")
+            proxy.GetDisplayNode().SetWindowLevelMinMax(0, 2)
+            slicer.util.setSliceViewerLayers(background=browser.GetProxyNode(framesSequence), foreground=proxy,
+                                             foregroundOpacity=opacity, fit=True)
+        return seq
+
+    def importPoseFiles(self, framesSequence, calibration, femurPath=None, tibiaPath=None, femurNode=None,
+                        tibiaNode=None, modelFileSpace: str = "RAS"):
+        """JointTrack ``.jts`` / Autoscoper ``.tra`` / ``poses.csv`` files -> transform sequences in the frames'
+        browser; the bone nodes (models) are parented to them. ``modelFileSpace``: "LPS" when the poses refer to
+        the model files as stored in LPS (Slicer's default for STL) -> {bone: (sequence, proxy)}."""
+        from Fluoro2DRRLib import mrml_adapter as ma  # noqa: PLC0415
+        from Fluoro2DRRLib.geometry import RAS_FROM_LPS, rigid_inverse  # noqa: PLC0415
+
+        if framesSequence is None:
+            raise ValueError("Load the frames first: the poses are synchronised with them.")
+        geometry = self.geometry(calibration, framesSequence)
+        browser = ma.browser_for_sequence(slicer.mrmlScene, framesSequence)
+        fileFromBone = rigid_inverse(RAS_FROM_LPS) if modelFileSpace.upper() == "LPS" else None
+        files = {b: p for b, p in (("femur", femurPath), ("tibia", tibiaPath)) if p}
+        seqs = ma.pose_files_to_transform_sequences(slicer.mrmlScene, files, browser, geometry,
+                                                    file_from_bone={b: fileFromBone for b in files})
+        models = {b: n for b, n in (("femur", femurNode), ("tibia", tibiaNode)) if n is not None and b in seqs}
+        ma.parent_models_to_transforms(models, seqs)
+        return seqs
+
     # ---- kinematics and export ---------------------------------------------------------------
     def computeKinematics(self, femurSequence, tibiaSequence, femurSource=None, tibiaSource=None, side="right"):
         from Fluoro2DRRLib import mrml_adapter as ma  # noqa: PLC0415
@@ -582,4 +657,12 @@ class Fluoro2DRRTest(ScriptedLoadableModuleTest):
         results, table, chart = logic.computeKinematics(femurSeq, tibiaSeq, femur, tibia)
         self.assertEqual(table.GetNumberOfRows(), nFrames)
         self.assertTrue(np.all(np.isfinite(results["flexion"])))
+        outlines = logic.showBoneOutlines(seq, femurSeq, tibiaSeq, femur, tibia, geometry)
+        self.assertEqual(outlines.GetNumberOfDataNodes(), nFrames)
+        self.assertTrue(ma.array_from_volume(outlines.GetNthDataNode(0)).any())
+        with tempfile.TemporaryDirectory() as tmp:
+            written = logic.exportPoses(femurSeq, tibiaSeq, tmp, geometry)
+            jts = {b: next(str(w) for w in written if str(w).endswith(f"{b}.jts")) for b in ("femur", "tibia")}
+            imported = logic.importPoseFiles(seq, calib, jts["femur"], jts["tibia"])
+            np.testing.assert_allclose(ma.transform_sequence_to_poses(imported["femur"][0]), est, atol=1e-6)
         self.delayDisplay("Pipeline test passed")

@@ -502,6 +502,86 @@ def poses_to_transform_sequences(scene, poses: dict, browser_node, failed_frames
     return out
 
 
+def pose_files_to_transform_sequences(scene, pose_files: dict, browser_node, geometry: CArmGeometry | None = None,
+                                      file_from_bone: dict | None = None, name_prefix: str = "imported ") -> dict:
+    """JointTrack ``.jts`` / Autoscoper ``.tra`` / our ``poses.csv`` per bone -> transform sequences.
+
+    ``pose_files``: ``{bone: path}``; ``geometry`` is needed for ``.jts``; ``file_from_bone`` (per bone)
+    maps the bone frame (RAS) to the model file's coordinates when the poses refer to an LPS file. The
+    sequences are synchronised in ``browser_node`` and must have one pose per frame.
+    Returns ``{bone: (sequence node, proxy transform node)}``.
+    """
+    from .errors import InputError
+    from .pose_io import load_world_poses
+
+    master = browser_node.GetMasterSequenceNode()
+    n_frames = master.GetNumberOfDataNodes() if master is not None else None
+    poses = {}
+    for bone, path in pose_files.items():
+        if not path:
+            continue
+        world = load_world_poses(path, bone, geometry, (file_from_bone or {}).get(bone))
+        if n_frames is not None and len(world) != n_frames:
+            raise InputError(path, f"holds {len(world)} poses but the sequence has {n_frames} frames")
+        poses[bone] = world
+    return poses_to_transform_sequences(scene, poses, browser_node, name_prefix=name_prefix)
+
+
+def bone_outline_sequence(scene, geometry: CArmGeometry, bones: dict, poses: dict, browser_node,
+                          failed_frames=(), max_size: int = 384, name: str = "Bone outlines", progress=None):
+    """The registered bones' silhouettes as a volume sequence over the frames, for a slice-view overlay.
+
+    Each item is a one-slice volume on the detector (same RAS placement as the frames, at most
+    ``max_size`` pixels wide): 1 on the femur's outline, 2 on the tibia's, 0 elsewhere (no outline on
+    failed frames). Outlines are the borders of each bone's DRR footprint (line integral > 1 mm).
+    Synchronised in ``browser_node``; returns ``(sequence node, proxy volume node)``.
+    """
+    import torch
+    from scipy import ndimage
+
+    from .render import TwoBoneRenderer
+
+    slicer = _slicer()
+    logic = setup_scene_logic(scene)
+    names = [n for n in ("femur", "tibia") if n in bones and n in poses]
+    w, h = geometry.image_size
+    scale = min(1.0, max_size / max(w, h))
+    g = geometry.resized(max(8, round(w * scale)), max(8, round(h * scale)))
+    renderer = TwoBoneRenderer(g, [bones[n] for n in names])
+    master = browser_node.GetMasterSequenceNode()
+    n = len(poses[names[0]])
+    values = [master.GetNthIndexValue(i) for i in range(n)] if master is not None else _index_values(n)
+    seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", scene.GenerateUniqueName(name))
+    seq.SetIndexName(master.GetIndexName() if master is not None else "frame")
+    seq.SetIndexUnit(master.GetIndexUnit() if master is not None else "")
+    seq.SetIndexType(master.GetIndexType() if master is not None else seq.NumericIndex)
+    seq.SetAttribute(ROLE, "outlines")
+    ijk_to_ras = ijk_to_ras_from_geometry(g)
+    item = slicer.vtkMRMLScalarVolumeNode()
+    failed = set(failed_frames)
+    for i, value in enumerate(values):
+        outline = np.zeros((g.height, g.width), np.uint8)
+        stacked = np.stack([poses[nm][i] for nm in names])
+        if i not in failed and np.isfinite(stacked).all():
+            with torch.inference_mode():
+                li = renderer(torch.as_tensor(stacked[None], dtype=torch.float32))[0].numpy()
+            for k, nm in enumerate(names):
+                inside = li[k] > 1.0
+                border = inside & ~ndimage.binary_erosion(inside)
+                outline[border] = 1 + ("femur", "tibia").index(nm)
+        item.SetAndObserveImageData(_image_from_array(outline[None]))
+        _set_volume_geometry(item, ijk_to_ras)
+        seq.SetDataNodeAtValue(item, value)
+        if progress is not None:
+            progress(i + 1, n)
+    browser_node.AddSynchronizedSequenceNode(seq)
+    logic.update_browser(browser_node)
+    proxy = browser_node.GetProxyNode(seq)
+    if proxy is not None:
+        proxy.SetName(name)
+    return seq, proxy
+
+
 def transform_sequence_to_poses(sequence_node) -> np.ndarray:
     """(N, 4, 4) world_from_bone, one per item in item order."""
     vtk = _vtk()

@@ -40,13 +40,7 @@ def load_init_pose(path, bone, geometry, file_from_bone) -> np.ndarray:
     """A pose file -> world_from_bone (N, 4, 4), undoing the file's convention."""
     from . import pose_io
 
-    stored = pose_io.load_pose_file(path, bone)
-    suffix = Path(path).suffix.lower()
-    if suffix == ".jts":
-        return pose_io.world_pose_from_file_pose(stored, geometry, file_from_bone)
-    if suffix == ".tra":
-        return pose_io.world_pose_from_file_pose(stored, None, file_from_bone)
-    return stored  # our CSV stores world_from_bone
+    return pose_io.load_world_poses(path, bone, geometry, file_from_bone)
 
 
 def _fingerprint(frames: np.ndarray, geometry) -> str:

@@ -307,6 +307,24 @@ def load_pose_file(path, bone: str | None = None) -> np.ndarray:
     raise InputError(path, f"unknown pose file type {suffix or '(no suffix)'!r}: expected .jts, .tra or .csv")
 
 
+def load_world_poses(path, bone: str | None = None, geometry=None, file_from_bone=None) -> np.ndarray:
+    """A pose file -> ``world_from_bone`` ``(N, 4, 4)``, undoing the file's convention.
+
+    ``.jts`` (JointTrack) stores source-frame poses: needs ``geometry``; ``.tra`` (Autoscoper) stores
+    world poses of the model file; our ``.csv`` stores ``world_from_bone``. ``file_from_bone`` maps the
+    bone frame (RAS) to the model file's own coordinates (e.g. LPS for an STL saved by Slicer).
+    """
+    stored = load_pose_file(path, bone)
+    suffix = Path(path).suffix.lower()
+    if suffix == ".jts":
+        if geometry is None:
+            raise InputError(path, "a JointTrack .jts pose needs the C-arm calibration")
+        return world_pose_from_file_pose(stored, geometry, file_from_bone)
+    if suffix == ".tra":
+        return world_pose_from_file_pose(stored, None, file_from_bone)
+    return stored
+
+
 def rotation_angle_deg(r_a, r_b) -> np.ndarray:
     """Geodesic angle between rotation stacks (deg)."""
     r_a, r_b = np.asarray(r_a, dtype=float)[..., :3, :3], np.asarray(r_b, dtype=float)[..., :3, :3]

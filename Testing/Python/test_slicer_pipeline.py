@@ -167,3 +167,62 @@ def test_job_cancel_keeps_finished_frames(simulated):
     assert not job.step() and job.done and job.next_frame == 1
     assert np.all(np.isfinite(job.poses["femur"][0])) and np.all(np.isnan(job.poses["femur"][1:]))
     assert {1, 2} <= job.failed_frames()
+
+
+def test_pose_files_import_as_transform_sequences(simulated, tmp_path):
+    """JointTrack .jts (source frame, LPS model file) and Autoscoper .tra files -> transform sequences."""
+    from Fluoro2DRRLib.errors import InputError
+    from Fluoro2DRRLib.geometry import RAS_FROM_LPS, rigid_inverse
+
+    g, truth = simulated["geometry"], simulated["truth"]
+    scene = ma.new_scene()
+    _, browser, _ = ma.frames_to_volume_sequence(scene, simulated["frames"], g, "Frames")
+    lps_from_ras = rigid_inverse(RAS_FROM_LPS)  # the femur's poses refer to an STL stored in LPS
+    pose_io.write_jts(tmp_path / "femur.jts", pose_io.file_pose_from_world_pose(truth["femur"], g, lps_from_ras))
+    pose_io.write_tra(tmp_path / "tibia.tra", pose_io.file_pose_from_world_pose(truth["tibia"], None, None))
+    seqs = ma.pose_files_to_transform_sequences(
+        scene, {"femur": tmp_path / "femur.jts", "tibia": tmp_path / "tibia.tra"}, browser, g,
+        file_from_bone={"femur": lps_from_ras})
+    for bone in BONES:
+        seq, proxy = seqs[bone]
+        assert seq.GetNumberOfDataNodes() == N_FRAMES
+        np.testing.assert_allclose(ma.transform_sequence_to_poses(seq), truth[bone], atol=1e-6)
+        browser.SetSelectedItemNumber(2)
+        np.testing.assert_allclose(proxy_matrix(proxy), truth[bone][2], atol=1e-6)
+    pose_io.write_tra(tmp_path / "short.tra", truth["tibia"][:2])
+    with pytest.raises(InputError, match="2 poses but the sequence has 3 frames"):
+        ma.pose_files_to_transform_sequences(scene, {"tibia": tmp_path / "short.tra"}, browser, g)
+
+
+def test_bone_outlines_fall_on_the_frame_edges(simulated):
+    """Outlines at the true poses sit on the frame's bone edges; 8 mm off they do not."""
+    from scipy import ndimage
+
+    from Fluoro2DRRLib.geometry import apply_transform
+
+    g, truth, frames, bones = simulated["geometry"], simulated["truth"], simulated["frames"], simulated["bones"]
+    scene = ma.new_scene()
+    _, browser, _ = ma.frames_to_volume_sequence(scene, frames, g, "Frames")
+    beam = g.beam_direction_world
+    across = np.cross(beam, np.eye(3)[np.argmin(np.abs(beam))])
+    move = np.eye(4)
+    move[:3, 3] = 8.0 * across / np.linalg.norm(across)  # 8 mm (4 px) in the image plane
+    shifted = {b: move @ truth[b] for b in BONES}
+    seq, proxy = ma.bone_outline_sequence(scene, g, bones, truth, browser, failed_frames={1})
+    seq_off, _ = ma.bone_outline_sequence(scene, g, bones, shifted, browser, name="shifted")
+    assert seq.GetNumberOfDataNodes() == N_FRAMES
+    assert ma.volume_ijk_to_ras(seq.GetNthDataNode(0)) == pytest.approx(ma.ijk_to_ras_from_geometry(g))
+    for i in (0, 2):
+        outline = ma.array_from_volume(seq.GetNthDataNode(i))[0]
+        outline_off = ma.array_from_volume(seq_off.GetNthDataNode(i))[0]
+        assert set(np.unique(outline)) == {0, 1, 2}
+        edges = np.hypot(ndimage.sobel(frames[i].astype(float), 0), ndimage.sobel(frames[i].astype(float), 1))
+        on, off = edges[outline > 0].mean(), edges[outline_off > 0].mean()
+        assert on > 1.5 * off, (on, off)
+        # the femur's outline surrounds the femur's projected centroid
+        c = g.project(apply_transform(truth["femur"][i], bones["femur"].centroid_mm[None]))[0]
+        rows, cols = np.nonzero(outline == 1)
+        assert cols.min() < c[0] < cols.max() and rows.min() < c[1] < rows.max()
+    assert not ma.array_from_volume(seq.GetNthDataNode(1)).any()  # a failed frame shows no outline
+    browser.SetSelectedItemNumber(2)
+    np.testing.assert_array_equal(ma.array_from_volume(proxy), ma.array_from_volume(seq.GetNthDataNode(2)))
