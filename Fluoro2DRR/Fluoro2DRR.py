@@ -66,8 +66,9 @@ class Fluoro2DRRParameterNode:
     tibiaNode: slicer.vtkMRMLDisplayableNode
     ctVolume: slicer.vtkMRMLScalarVolumeNode
     side: Annotated[str, Choice(["right", "left"])] = "right"
-    # "none" by default: the bundled translation model is a proof of concept that measured worse than raw
-    # frames on simulated fluoroscopy (see Resources/Models/MODEL_CARD.md and the README benchmarks)
+    # "none" by default (DRR-like or already clean frames); choose "bundled" for raw fluoroscopy: on simulated
+    # fluoroscopy it is what lets the automatic start work (README benchmarks, Resources/Models/MODEL_CARD.md),
+    # but it was trained on simulated frames only
     translation: Annotated[str, Choice(["none", "bundled"])] = "none"
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     femurTransformSequence: slicer.vtkMRMLSequenceNode

@@ -94,8 +94,8 @@ def add_register_arguments(p):
     p.add_argument("--detector-size", type=int, default=256,
                    help="finest detector size (pixels) used by the registration (default 256)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the renderer: ~25 %% faster per frame on the CPU after about a minute "
-                        "of compilation (needs a C++ compiler); pays off on long sequences")
+                   help="torch.compile the renderer: ~20 %% faster per frame on the CPU after 10-70 s of "
+                        "compilation (needs a C++ compiler); pays off on long sequences")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--pixel-spacing", type=float, default=None,

@@ -65,10 +65,14 @@ class RegistrationSettings:
     # plus a margin; it is then refined again with the wide (first-frame) search, then the automatic start
     lost_dissimilarity_ratio: float = 2.0
     lost_dissimilarity_margin: float = 0.01
+    # a recovery whose dissimilarity is below this fraction of the track's is taken as a re-acquisition
+    reacquire_dissimilarity_ratio: float = 0.5
     max_jump_mm: float = 25.0
     max_jump_deg: float = 20.0
     min_similarity: float = 0.5  # below this a frame is not "converged"
     xray_highpass_fraction: float = 0.08  # raw fluoroscopy: high-pass sigma as a fraction of the image width
+    # with translation: a last tracking-sized refinement on the raw frame (exact edges) after the translated one
+    polish_on_raw_frame: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -409,6 +413,19 @@ class Registrar:
         return self._unstack(best), sim, n_it, conv
 
 
+def polish_on_raw_frame(registrar: Registrar, raw_frame: np.ndarray, poses: dict[str, np.ndarray],
+                        polarity: str = "auto") -> dict[str, np.ndarray]:
+    """Last refinement on the raw frame (its own polarity, high-passed) from a pose found on the translated one.
+
+    The translated image gives the wide basin (it looks like a DRR), the raw frame the exact edges (the
+    networks soften and slightly reshape them): measured in Testing/benchmarks/bench_capture_range.py.
+    Tracking-sized search regions, so the pose stays in the basin the translated frame chose.
+    """
+    image, fov, info = prepare_frame(raw_frame, polarity)
+    result, *_ = registrar.register_frame(image, fov, poses, False, True, info["polarity"])
+    return result
+
+
 def _ncc_search(fixed: torch.Tensor, mask: torch.Tensor, templates: torch.Tensor):
     """Best normalised cross-correlation of each template (cropped to its support) over in-plane shifts.
 
@@ -570,6 +587,7 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
     for q in previous_quality or []:
         if q.get("failed", False) and 0 <= int(q["frame"]) < start_frame:
             good[int(q["frame"])] = False
+    track_start = 0
     for i in range(start_frame, n):
         if should_stop is not None and should_stop():
             break
@@ -586,7 +604,7 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
             auto, tracking = False, False
         elif last_good is not None:
             # constant velocity from the last two good frames when they are consecutive, else the last good pose
-            prev2 = last_good - 1 if last_good > 0 and good[last_good - 1] else None
+            prev2 = last_good - 1 if last_good > max(0, track_start) and good[last_good - 1] else None
             start = {nm: _extrapolate(poses[nm][last_good], None if prev2 is None else poses[nm][prev2],
                                       bones[nm].centroid_mm, geometry) for nm in names}
             auto, tracking = False, True
@@ -620,11 +638,20 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
                         result, sim, conv = r2, s2, c2
                     if not lost(sim, result)[0]:
                         break
+                    # re-acquired: the search found a pose that explains the frame clearly better than the
+                    # track did (its start was wrong, not this frame): follow the new pose from here on
+                    if (1 - sim) < settings.reacquire_dissimilarity_ratio * (1 - ref):
+                        note += f"; re-acquired (similarity {sim:.3f} vs {ref:.3f}): earlier frames may be wrong"
+                        sims.clear()
+                        track_start = i  # no velocity across the re-acquisition
+                        break
                 else:
                     still_lost = True
+        failed = bool(sim < settings.min_similarity or (tracking and still_lost))
+        if translated is not None and not failed and settings.polish_on_raw_frame:
+            result = polish_on_raw_frame(registrar, frames[i], result, polarity)
         for nm in names:
             poses[nm][i] = result[nm]
-        failed = bool(sim < settings.min_similarity or (tracking and still_lost))
         good[i] = not failed
         if not failed:
             sims.append(sim)

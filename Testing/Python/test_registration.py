@@ -207,6 +207,25 @@ def test_tracking_and_resume(sequence, tmp_path):
     np.testing.assert_allclose(again["femur"], full.poses["femur"], atol=1e-4)
 
 
+def test_a_wrong_track_is_reacquired_not_failed(sequence):
+    """The track so far was wrong (a bad first frame): the recovery finds a pose that explains the frame far
+    better; that frame is taken as a re-acquisition (not failed) and the poses are right from there on."""
+    _, geometry, bones, truth, frames = sequence
+    shift = np.eye(4)
+    shift[:3, 3] = 30.0 * np.cross(geometry.beam_direction_world, [1.0, 0.0, 0.0])  # 30 mm in-plane
+    wrong = {n: (shift @ truth[n][0])[None] for n in truth}
+    rng = np.random.default_rng(4)
+    near = {n: perturb(truth[n][1], bones[n].centroid_mm, 6.0, 8.0, 10.0, geometry, rng) for n in truth}
+    result = register_sequence(frames[:2], geometry, bones, settings=small_settings(), start_frame=1,
+                               previous=wrong, previous_quality=[{"frame": 0, "similarity": 0.6, "failed": False}],
+                               default_poses=near)
+    q = result.quality[0]
+    assert "re-acquired" in q["note"] and not q["failed"], q
+    e = errors({n: result.poses[n][1] for n in truth}, truth, bones, geometry, 1)
+    for n in truth:
+        assert e[n]["in_plane_mm"] < 0.5, e
+
+
 def test_bad_inputs_are_clear(clean):
     _, geometry, bones, truth, frames = clean
     with pytest.raises(InputError, match="disagrees with the calibration"):

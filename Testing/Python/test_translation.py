@@ -230,8 +230,8 @@ def test_missing_and_corrupt_weights(tmp_path):
 def test_tiny_training_run_exports_a_loadable_model(tmp_path):
     from Fluoro2DRRLib.translation.train import train
     cfg = {"image_size": 64, "data": {"n_train": 6, "n_val": 2},
-           "stage1": {"base": 4, "depth": 3, "max_ch": 16, "d_base": 8, "epochs": 1, "steps_per_epoch": 2,
-                      "batch": 2, "crop": 32},
+           "stage1": {"base": 4, "depth": 3, "max_ch": 16, "d_base": 8, "epochs": 3, "steps_per_epoch": 2,
+                      "batch": 2, "crop": 32, "lr_schedule": [[0, 2e-4], [2, 5e-5]]},
            "stage2": {"kwargs": {"channels": [4, 8, 8, 8], "n_blocks": 1}, "epochs": 1, "steps_per_epoch": 2,
                       "batch": 2, "crop": 32}}
     m = train(cfg, tmp_path / "run", device="cpu", progress=False)
@@ -242,6 +242,18 @@ def test_tiny_training_run_exports_a_loadable_model(tmp_path):
     assert tr.translate(np.random.rand(1, 50, 70)).shape == (1, 50, 70)
     m2 = train(cfg, tmp_path / "run", device="cpu", resume=True, progress=False)  # nothing left to do
     assert len(m2["history"]) == len(m["history"])
+    # the exported generator is the best validation epoch's, not the last one's
+    stage1 = [h for h in m["history"] if h["stage"] == 1]
+    best = max(stage1, key=lambda h: h["val"]["stage1"]["ncc"])
+    assert m["stage1_best"]["epoch"] == best["epoch"]
+    assert m["final_val"]["stage1"]["ncc"] == pytest.approx(best["val"]["stage1"]["ncc"], abs=1e-5)
+
+
+def test_scheduled_lr():
+    from Fluoro2DRRLib.translation.train import scheduled_lr
+    cfg = {"lr": 2e-4, "lr_schedule": [[40, 5e-5], [0, 2e-4], [50, 1e-5]]}
+    assert [scheduled_lr(cfg, e) for e in (0, 39, 40, 49, 50, 80)] == [2e-4, 2e-4, 5e-5, 5e-5, 1e-5, 1e-5]
+    assert scheduled_lr({"lr": 3e-4}, 7) == 3e-4
 
 
 @needs_weights

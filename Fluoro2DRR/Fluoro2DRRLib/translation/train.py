@@ -111,6 +111,15 @@ def robust_normalize_t(x: torch.Tensor, p=(0.5, 99.5)) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ models
+def scheduled_lr(stage_cfg: dict, epoch: int) -> float:
+    """``lr_schedule``: ``[[from_epoch, lr], ...]`` (the last entry at or before ``epoch``); else ``lr``."""
+    lr = stage_cfg["lr"]
+    for from_epoch, value in sorted(stage_cfg.get("lr_schedule") or []):
+        if epoch >= from_epoch:
+            lr = value
+    return float(lr)
+
+
 def build_models(cfg):
     s1 = cfg["stage1"]
     g = UNetGenerator(base=s1["base"], depth=s1["depth"], max_ch=s1["max_ch"])
@@ -294,6 +303,10 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
     if paired is not None:
         phases.append(("paired", _PairedWrapper(paired, size, pct), cfg["finetune"]["epochs"],
                        cfg["finetune"]["lr"]))
+    # GAN training oscillates from epoch to epoch: keep the generator of the best validation epoch
+    # (NCC to the clean target on the validation pairs, which training never sees)
+    ck1_best = out / "checkpoints" / "stage1_best.pt"
+    best = metrics.get("stage1_best") if resume and ck1_best.exists() else None
     t0 = time.time()
     epoch = 0
     for phase, ds, n_ep, lr in phases:
@@ -306,6 +319,11 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
                 continue
             if budget_over("stage1", t0):
                 break
+            if phase == "sim":
+                lr_now = scheduled_lr(s1, epoch)
+                for opt, base in ((opt_g, s1["lr"]), (opt_d, s1["d_lr"])):
+                    for pg in opt.param_groups:
+                        pg["lr"] = base * lr_now / s1["lr"]
             g.train(), d.train()
             bar = tqdm(range(s1["steps_per_epoch"]), desc=f"stage1 {phase} epoch {epoch}",
                        disable=not progress, mininterval=5)
@@ -340,11 +358,17 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
                                        "val": res, "minutes": (time.time() - t_start) / 60})
             torch.save({"g": g.state_dict(), "d": d.state_dict(), "opt_g": opt_g.state_dict(),
                         "opt_d": opt_d.state_dict(), "epoch": epoch}, ck1)
+            if best is None or res["stage1"]["ncc"] > best["val"]["ncc"]:
+                best = {"epoch": epoch, "phase": phase, "val": res["stage1"]}
+                torch.save({"g": g.state_dict(), "epoch": epoch}, ck1_best)
+                metrics["stage1_best"] = best
             metrics_path.write_text(json.dumps(metrics, indent=2))
             if progress:
-                print(f"stage1 epoch {epoch}: val {res}", flush=True)
+                print(f"stage1 epoch {epoch}: val {res} (best: epoch {best['epoch']})", flush=True)
             epoch += 1
     metrics["minutes_stage1"] = (time.time() - t0) / 60
+    if ck1_best.exists():
+        g.load_state_dict(torch.load(ck1_best, map_location=dev, weights_only=False)["g"])
 
     # ---------------- stage 2 (inputs: stage-1 outputs of the full frames, then cropped)
     s2c = cfg["stage2"]
