@@ -59,7 +59,8 @@ class RegistrationSettings:
     # automatic start
     auto_rotation_grid_deg: float = 15.0
     auto_depth_offsets_mm: tuple[float, ...] = (-50.0, -25.0, 0.0, 25.0, 50.0)
-    auto_candidates: int = 3  # best coarse candidates per bone refined jointly
+    auto_candidates: int = 3  # best coarse femur candidates, each with its tibia, refined jointly
+    auto_joint_window_mm: float = 60.0  # the tibia is searched this far around where the default knee puts it
     # tracking
     # a frame is "lost" when its dissimilarity (1 - similarity) exceeds this many times the recent median
     # plus a margin; it is then refined again with the wide (first-frame) search, then the automatic start
@@ -363,30 +364,38 @@ class Registrar:
         a = s.auto_rotation_grid_deg
         angles = [(rx, ry, rz) for rx in (-a, 0.0, a) for ry in (-a, 0.0, a) for rz in (-a, -a / 2, 0.0, a / 2, a)]
         w_grid = torch.tensor(np.radians(angles), dtype=torch.float32, device=self.device)  # (R, 3) world axes
-        per_bone_candidates = []
-        for k, name in enumerate(self.names):
+        def search(k, around, max_shift_px=None, keep=s.auto_candidates):
+            """Best poses of bone k over the rotation x depth grid about ``around`` (4x4), each placed in-plane
+            by NCC (shifts up to ``max_shift_px`` from where ``around`` projects, when given)."""
             cands = []
+            c_k = (around[:3, :3] @ torch.as_tensor(self.centroids_bone[self.names[k]], dtype=torch.float32,
+                                                    device=self.device) + around[:3, 3])
             for depth in s.auto_depth_offsets_mm:
                 n = len(w_grid)
-                base = start[:, k:k + 1].expand(n, 1, 4, 4)
-                c = centres[k].expand(n, 1, 3)
+                base = around[None, None].expand(n, 1, 4, 4)
                 v = (beam * depth).expand(n, 1, 3)
-                poses_k = compose_update(base, c, w_grid[:, None], v)
+                poses_k = compose_update(base, c_k.expand(n, 1, 3), w_grid[:, None], v)
                 with torch.no_grad():
                     drr = self._render_single(renderer, k, poses_k)  # (R, 1, h, w)
-                scores, shifts = _ncc_search(fixed, mask, drr)
+                scores, shifts = _ncc_search(fixed, mask, drr, max_shift_px)
                 for r in range(n):
                     cands.append((float(scores[r]), poses_k[r, 0], shifts[r]))
             cands.sort(key=lambda c: -c[0])
-            chosen = []
-            for score, pose, (dy, dx) in cands[: s.auto_candidates]:
-                chosen.append(_shift_in_plane(pose, dx, dy, g, self.device))
-            per_bone_candidates.append(chosen)
-        # combine the k-th best of each bone (few joint candidates), refine all together, keep the best
-        n_c = min(len(c) for c in per_bone_candidates)
-        joint = torch.stack([torch.stack([per_bone_candidates[k][j] for k in range(len(self.names))])
-                             for j in range(n_c)])  # (n_c, K, 4, 4)
-        return joint
+            return [_shift_in_plane(pose, dx, dy, g, self.device) for _, pose, (dy, dx) in cands[:keep]]
+
+        first = search(0, start[0, 0])
+        if len(self.names) == 1:
+            return torch.stack(first)[:, None]
+        # the tibia is searched where the default's knee puts it relative to each femur candidate (a tibia
+        # template searched over the whole frame can lock onto the femur's shaft or the other leg)
+        joint = []
+        window_px = s.auto_joint_window_mm / (g.pixel_spacing_mm[0] * (g.source_to_patient_mm or 0.85 * g.source_to_detector_mm)
+                                               / g.source_to_detector_mm)
+        relative = torch.linalg.inv(start[0, 0]) @ start[0, 1]
+        for femur_pose in first:
+            tibia = search(1, femur_pose @ relative, window_px, keep=1)[0]
+            joint.append(torch.stack([femur_pose, tibia]))
+        return torch.stack(joint)  # (n_c, K, 4, 4)
 
     def _render_single(self, renderer: TwoBoneRenderer, k: int, poses_k: torch.Tensor) -> torch.Tensor:
         """Render bone k alone: poses_k (B, 1, 4, 4) -> (B, 1, h, w)."""
@@ -426,7 +435,7 @@ def polish_on_raw_frame(registrar: Registrar, raw_frame: np.ndarray, poses: dict
     return result
 
 
-def _ncc_search(fixed: torch.Tensor, mask: torch.Tensor, templates: torch.Tensor):
+def _ncc_search(fixed: torch.Tensor, mask: torch.Tensor, templates: torch.Tensor, max_shift_px: float | None = None):
     """Best normalised cross-correlation of each template (cropped to its support) over in-plane shifts.
 
     fixed (1, 1, H, W); templates (R, 1, H, W). Returns scores (R,) and (dy, dx) pixel shifts that move the
@@ -452,6 +461,12 @@ def _ncc_search(fixed: torch.Tensor, mask: torch.Tensor, templates: torch.Tensor
     local_sq = F.conv2d(padded ** 2, ones)
     local_var = (local_sq - local_sum ** 2 / (th * tw)).clamp_min(1e-8)
     score = num / local_var.sqrt()
+    if max_shift_px is not None:
+        oh, ow_ = score.shape[-2:]
+        dy = torch.arange(oh, device=score.device) - pad_y - r0
+        dx = torch.arange(ow_, device=score.device) - pad_x - c0
+        far = (dy[:, None] ** 2 + dx[None, :] ** 2) > max_shift_px ** 2
+        score = score.masked_fill(far, -1e9)
     flat = score[0].flatten(1)
     best, idx = flat.max(dim=1)
     ow = score.shape[-1]
