@@ -334,11 +334,12 @@ def bone_from_polydata(poly, name: str, voxel_mm: float = DEFAULT_VOXEL_MM,
     cut_faces = find_cut_faces(points, triangles)
     open_beyond = None
     if cut_faces:
-        centres_mm = apply_transform(ijk_to_mm, np.argwhere(np.ones(mask.shape, bool)).astype(float))
-        open_beyond = np.zeros(mask.size, bool)
+        i, j, k = np.ogrid[:mask.shape[0], :mask.shape[1], :mask.shape[2]]
+        open_beyond = np.zeros(mask.shape, bool)
         for normal, offset in cut_faces:
-            open_beyond |= centres_mm @ normal > offset - 0.5 * voxel_mm
-        open_beyond = open_beyond.reshape(mask.shape)
+            # normal . (ijk_to_mm @ ijk) is affine in i, j, k: no per-voxel coordinate array
+            a = normal @ ijk_to_mm[:3, :3]
+            open_beyond |= a[0] * i + a[1] * j + a[2] * k + normal @ ijk_to_mm[:3, 3] > offset - 0.5 * voxel_mm
     return BoneModel(name=name, density=density_from_mask(mask, voxel_mm, open_beyond), bone_from_ijk=ijk_to_mm,
                      surface_points_mm=points, surface_triangles=triangles,
                      file_from_bone=np.eye(4) if file_from_bone is None else file_from_bone,

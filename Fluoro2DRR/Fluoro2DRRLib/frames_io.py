@@ -195,17 +195,23 @@ def check_frames_match_geometry(stack: FrameStack, geometry) -> None:
         raise InputError(what, f"frame size {w}x{h} disagrees with the calibration's {gw}x{gh}")
 
 
+def as_frame_stack(frames, what: str = "frames", dtype=None) -> np.ndarray:
+    """One frame ``(H, W)`` or a stack ``(N, H, W)`` -> ``(N, H, W)`` (cast to ``dtype`` when given)."""
+    arr = np.asarray(frames) if dtype is None else np.asarray(frames, dtype=dtype)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise InputError(what, f"expected (N, H, W) or (H, W) frames, got shape {arr.shape}")
+    return arr
+
+
 def write_frames(directory, frames, dtype: str = "uint16", prefix: str = "frame") -> list[Path]:
     """Write ``{prefix}_0000.tif`` ... as 8- or 16-bit TIFF; values are rounded and clipped to the dtype."""
     if dtype not in ("uint8", "uint16"):
         raise InputError("write_frames", f"dtype must be 'uint8' or 'uint16', not {dtype!r}")
     from PIL import Image
 
-    arr = np.asarray(frames, dtype=np.float64)
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3:
-        raise InputError("write_frames", f"expected (N, H, W) frames, got shape {arr.shape}")
+    arr = as_frame_stack(frames, "write_frames", np.float64)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     info = np.iinfo(np.dtype(dtype))

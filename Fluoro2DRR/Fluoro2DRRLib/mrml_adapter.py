@@ -455,6 +455,19 @@ def _fill_failed(poses: np.ndarray, failed: set[int]) -> tuple[np.ndarray, set[i
     return poses, bad
 
 
+def _sequence_like_master(scene, name: str, browser_node, n_items: int, role: str):
+    """A new sequence node indexed like ``browser_node``'s master (name, unit, type) -> (node, index values)."""
+    master = browser_node.GetMasterSequenceNode()
+    seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", scene.GenerateUniqueName(name))
+    seq.SetIndexName(master.GetIndexName() if master is not None else "frame")
+    seq.SetIndexUnit(master.GetIndexUnit() if master is not None else "")
+    seq.SetIndexType(master.GetIndexType() if master is not None else seq.NumericIndex)
+    seq.SetAttribute(ROLE, role)
+    values = ([master.GetNthIndexValue(i) for i in range(n_items)] if master is not None
+              else _index_values(n_items))
+    return seq, values
+
+
 def poses_to_transform_sequences(scene, poses: dict, browser_node, failed_frames=(), name_prefix: str = "") -> dict:
     """One linear-transform sequence per bone, synchronised in ``browser_node``.
 
@@ -474,14 +487,7 @@ def poses_to_transform_sequences(scene, poses: dict, browser_node, failed_frames
             raise ValueError(f"{bone}: {len(bone_poses)} poses for {n_master} frames")
         failed = failed_frames.get(bone, ()) if isinstance(failed_frames, dict) else failed_frames
         filled, bad = _fill_failed(bone_poses, set(failed))
-        values = ([master.GetNthIndexValue(i) for i in range(n_master)] if master is not None
-                  else _index_values(len(filled)))
-        seq_name = scene.GenerateUniqueName(f"{name_prefix}{bone} poses")
-        seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", seq_name)
-        seq.SetIndexName(master.GetIndexName() if master is not None else "frame")
-        seq.SetIndexUnit(master.GetIndexUnit() if master is not None else "")
-        seq.SetIndexType(master.GetIndexType() if master is not None else seq.NumericIndex)
-        seq.SetAttribute(ROLE, "poses")
+        seq, values = _sequence_like_master(scene, f"{name_prefix}{bone} poses", browser_node, len(filled), "poses")
         seq.SetAttribute(BONE_NAME, bone)
         seq.SetAttribute(FAILED_FRAMES, ",".join(str(i) for i in sorted(bad)))
         for i, (value, pose) in enumerate(zip(values, filled)):
@@ -548,14 +554,8 @@ def bone_outline_sequence(scene, geometry: CArmGeometry, bones: dict, poses: dic
     scale = min(1.0, max_size / max(w, h))
     g = geometry.resized(max(8, round(w * scale)), max(8, round(h * scale)))
     renderer = TwoBoneRenderer(g, [bones[n] for n in names])
-    master = browser_node.GetMasterSequenceNode()
     n = len(poses[names[0]])
-    values = [master.GetNthIndexValue(i) for i in range(n)] if master is not None else _index_values(n)
-    seq = scene.AddNewNodeByClass("vtkMRMLSequenceNode", scene.GenerateUniqueName(name))
-    seq.SetIndexName(master.GetIndexName() if master is not None else "frame")
-    seq.SetIndexUnit(master.GetIndexUnit() if master is not None else "")
-    seq.SetIndexType(master.GetIndexType() if master is not None else seq.NumericIndex)
-    seq.SetAttribute(ROLE, "outlines")
+    seq, values = _sequence_like_master(scene, name, browser_node, n, "outlines")
     ijk_to_ras = ijk_to_ras_from_geometry(g)
     item = slicer.vtkMRMLScalarVolumeNode()
     failed = set(failed_frames)

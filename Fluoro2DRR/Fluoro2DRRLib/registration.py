@@ -132,16 +132,19 @@ def _rotation_deg(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # ---- the image side -----------------------------------------------------------------------------
-def prepare_translated_frame(raw_frame: np.ndarray, translated: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+def prepare_translated_frame(raw_frame: np.ndarray, translated: np.ndarray,
+                             fov: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """A frame translated by the bundled networks -> (line-integral image, field-of-view mask, info).
 
     The networks output the clean target of fluoro_sim: exp(-line integral / scale), bone dark on white, so
     -log inverts it exactly (up to the scale, which NCC ignores). The field of view comes from the raw
-    frame: outside the image-intensifier circle the networks paint a uniform grey.
+    frame (pass ``fov`` when it is already known): outside the image-intensifier circle the networks paint a
+    uniform grey.
     """
     from .metrics import field_of_view_mask
 
-    fov = np.asarray(field_of_view_mask(np.asarray(raw_frame, np.float32)), dtype=np.float32)
+    if fov is None:
+        fov = np.asarray(field_of_view_mask(np.asarray(raw_frame, np.float32)), dtype=np.float32)
     image = -np.log(np.clip(np.asarray(translated, np.float32), 1e-3, 1.0)) * fov
     return image.astype(np.float32), fov, {"polarity": "translated", "reason": "bundled translation"}
 
@@ -351,19 +354,20 @@ class Registrar:
 
     # -- automatic start --
     def auto_start(self, fixed_levels, default: dict[str, np.ndarray]) -> torch.Tensor:
-        """From a rough default pose: per bone, a grid over rotations and depths, each placed in-plane by
-        normalised cross-correlation of its coarse DRR with the frame; the best candidates are then
-        refined jointly (both bones) and the best result kept."""
+        """From a rough default pose: for the first bone (femur) a grid over rotations and depths, each placed
+        in-plane by normalised cross-correlation of its coarse DRR with the frame; for each of its best
+        candidates the second bone (tibia) gets the same search, near where the default knee puts it.
+        Returns the joint candidates (B, K, 4, 4); :meth:`refine` keeps the best."""
         s = self.settings
         renderer = self.levels[0]
         fixed, mask = fixed_levels[0]
         g = renderer.geometry
         beam = torch.as_tensor(g.beam_direction_world, dtype=torch.float32, device=self.device)
         start = self._stack(default)  # (1, K, 4, 4)
-        centres = self._centres(start)[0]  # (K, 3)
         a = s.auto_rotation_grid_deg
         angles = [(rx, ry, rz) for rx in (-a, 0.0, a) for ry in (-a, 0.0, a) for rz in (-a, -a / 2, 0.0, a / 2, a)]
         w_grid = torch.tensor(np.radians(angles), dtype=torch.float32, device=self.device)  # (R, 3) world axes
+
         def search(k, around, max_shift_px=None, keep=s.auto_candidates):
             """Best poses of bone k over the rotation x depth grid about ``around`` (4x4), each placed in-plane
             by NCC (shifts up to ``max_shift_px`` from where ``around`` projects, when given)."""
@@ -389,11 +393,15 @@ class Registrar:
         # the tibia is searched where the default's knee puts it relative to each femur candidate (a tibia
         # template searched over the whole frame can lock onto the femur's shaft or the other leg)
         joint = []
-        window_px = s.auto_joint_window_mm / (g.pixel_spacing_mm[0] * (g.source_to_patient_mm or 0.85 * g.source_to_detector_mm)
-                                               / g.source_to_detector_mm)
         relative = torch.linalg.inv(start[0, 0]) @ start[0, 1]
+        source = g.source_position_world
         for femur_pose in first:
-            tibia = search(1, femur_pose @ relative, window_px, keep=1)[0]
+            predicted = femur_pose @ relative
+            # detector pixels per mm at the predicted tibia's depth (magnification)
+            centre = predicted[:3, :3].cpu().numpy() @ self.centroids_bone[self.names[1]] + predicted[:3, 3].cpu().numpy()
+            depth_mm = float(np.dot(centre - source, g.beam_direction_world))
+            window_px = s.auto_joint_window_mm * g.source_to_detector_mm / (depth_mm * g.pixel_spacing_mm[0])
+            tibia = search(1, predicted, window_px, keep=1)[0]
             joint.append(torch.stack([femur_pose, tibia]))
         return torch.stack(joint)  # (n_c, K, 4, 4)
 
@@ -422,15 +430,15 @@ class Registrar:
         return self._unstack(best), sim, n_it, conv
 
 
-def polish_on_raw_frame(registrar: Registrar, raw_frame: np.ndarray, poses: dict[str, np.ndarray],
-                        polarity: str = "auto") -> dict[str, np.ndarray]:
+def polish_on_raw_frame(registrar: Registrar, raw_prepared: tuple, poses: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Last refinement on the raw frame (its own polarity, high-passed) from a pose found on the translated one.
 
     The translated image gives the wide basin (it looks like a DRR), the raw frame the exact edges (the
     networks soften and slightly reshape them): measured in Testing/benchmarks/bench_capture_range.py.
     Tracking-sized search regions, so the pose stays in the basin the translated frame chose.
+    ``raw_prepared``: :func:`prepare_frame` of the raw frame.
     """
-    image, fov, info = prepare_frame(raw_frame, polarity)
+    image, fov, info = raw_prepared
     result, *_ = registrar.register_frame(image, fov, poses, False, True, info["polarity"])
     return result
 
@@ -548,11 +556,9 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
     ``progress(done, total, FrameResult)`` after each frame; ``should_stop()`` is checked between frames
     (finished frames are returned); ``on_frame(FrameResult)`` lets callers write results frame by frame.
     """
-    frames = np.asarray(frames, dtype=np.float32)
-    if frames.ndim == 2:
-        frames = frames[None]
-    if frames.ndim != 3:
-        raise InputError("frames", f"expected (N, H, W), got shape {frames.shape}")
+    from .frames_io import as_frame_stack
+
+    frames = as_frame_stack(frames, dtype=np.float32)
     n = len(frames)
     if (frames.shape[2], frames.shape[1]) != tuple(geometry.image_size):
         raise InputError("frames", f"frame size {frames.shape[2]}x{frames.shape[1]} disagrees with the calibration's "
@@ -607,10 +613,11 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
         if should_stop is not None and should_stop():
             break
         t0 = time.time()
+        raw_prepared = prepare_frame(frames[i], polarity)
         if translated is not None:
-            image, fov, frame_info = prepare_translated_frame(frames[i], translated[i])
+            image, fov, frame_info = prepare_translated_frame(frames[i], translated[i], fov=raw_prepared[1])
         else:
-            image, fov, frame_info = prepare_frame(frames[i], polarity)
+            image, fov, frame_info = raw_prepared
         last_good = int(np.flatnonzero(good[:i])[-1]) if good[:i].any() else None
         reinit = False
         note = ""
@@ -664,7 +671,7 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
                     still_lost = True
         failed = bool(sim < settings.min_similarity or (tracking and still_lost))
         if translated is not None and not failed and settings.polish_on_raw_frame:
-            result = polish_on_raw_frame(registrar, frames[i], result, polarity)
+            result = polish_on_raw_frame(registrar, raw_prepared, result)
         for nm in names:
             poses[nm][i] = result[nm]
         good[i] = not failed

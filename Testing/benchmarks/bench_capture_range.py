@@ -73,8 +73,9 @@ def main():
     t0 = time.time()
     translated = Translator.load(device="cpu").translate(frames)
     translate_s = (time.time() - t0) / len(frames)
-    prepared = {"raw": [prepare_frame(f) for f in frames],
-                "translated": [prepare_translated_frame(f, t) for f, t in zip(frames, translated)]}
+    raw = [prepare_frame(f) for f in frames]
+    prepared = {"raw": raw,
+                "translated": [prepare_translated_frame(f, t, fov=r[1]) for f, t, r in zip(frames, translated, raw)]}
     registrar = Registrar(geometry, bones)
     offsets = [float(o) for o in args.offsets.split(",")]
     rows = {}
@@ -88,7 +89,7 @@ def main():
                     image, fov, info = prepared["raw" if mode == "raw" else "translated"][k]
                     res, *_ = registrar.register_frame(image, fov, start, False, False, info["polarity"])
                     if mode == "translated + raw polish":
-                        res = polish_on_raw_frame(registrar, frames[k], res)
+                        res = polish_on_raw_frame(registrar, prepared["raw"][k], res)
                     errs = {n: pose_errors(res[n][None], truth[n][k:k + 1], bones[n].centroid_mm, geometry)
                             for n in truth}
                     in_plane += [float(e["in_plane_mm"][0]) for e in errs.values()]

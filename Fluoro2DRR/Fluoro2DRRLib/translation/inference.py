@@ -116,11 +116,9 @@ class Translator:
 
     # ----------------------------------------------------------------------------------
     def _prepare(self, frames) -> np.ndarray:
-        arr = np.asarray(frames)
-        if arr.ndim == 2:
-            arr = arr[None]
-        if arr.ndim != 3:
-            raise InputError("frames", f"expected (N, H, W) or (H, W) frames, got shape {arr.shape}")
+        from ..frames_io import as_frame_stack
+
+        arr = as_frame_stack(frames)
         if arr.shape[0] == 0 or min(arr.shape[1:]) < 8:
             raise InputError("frames", f"no usable frames (shape {arr.shape})")
         if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
