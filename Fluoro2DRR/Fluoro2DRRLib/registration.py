@@ -59,7 +59,7 @@ class RegistrationSettings:
     # automatic start
     auto_rotation_grid_deg: float = 15.0
     auto_depth_offsets_mm: tuple[float, ...] = (-50.0, -25.0, 0.0, 25.0, 50.0)
-    auto_candidates: int = 3  # best coarse femur candidates, each with its tibia, refined jointly
+    auto_candidates: int = 3  # best coarse candidates per bone; 2x this many (femur, tibia) pairs refined
     auto_joint_window_mm: float = 60.0  # the tibia is searched this far around where the default knee puts it
     # tracking
     # a frame is "lost" when its dissimilarity (1 - similarity) exceeds this many times the recent median
@@ -354,10 +354,9 @@ class Registrar:
 
     # -- automatic start --
     def auto_start(self, fixed_levels, default: dict[str, np.ndarray]) -> torch.Tensor:
-        """From a rough default pose: for the first bone (femur) a grid over rotations and depths, each placed
-        in-plane by normalised cross-correlation of its coarse DRR with the frame; for each of its best
-        candidates the second bone (tibia) gets the same search, near where the default knee puts it.
-        Returns the joint candidates (B, K, 4, 4); :meth:`refine` keeps the best."""
+        """From a rough default pose: for each bone a grid over rotations and depths, each placed in-plane by
+        normalised cross-correlation of its coarse DRR with the frame; the tibia also near each femur
+        candidate. Returns the joint candidates (B, K, 4, 4); :meth:`refine` keeps the best."""
         s = self.settings
         renderer = self.levels[0]
         fixed, mask = fixed_levels[0]
@@ -390,9 +389,12 @@ class Registrar:
         first = search(0, start[0, 0])
         if len(self.names) == 1:
             return torch.stack(first)[:, None]
-        # the tibia is searched where the default's knee puts it relative to each femur candidate (a tibia
-        # template searched over the whole frame can lock onto the femur's shaft or the other leg)
-        joint = []
+        # The tibia: searched over the whole frame around its own default (its template can lock onto the
+        # femur's shaft or the other leg), and near where the default's femur-to-tibia offset puts it relative
+        # to each femur candidate (only right when the defaults form a knee: default_pose places every bone
+        # on the principal ray). Both pairings are refined; the best similarity wins.
+        anywhere = search(1, start[0, 1])
+        joint = [torch.stack([f, t]) for f, t in zip(first, anywhere)]
         relative = torch.linalg.inv(start[0, 0]) @ start[0, 1]
         source = g.source_position_world
         for femur_pose in first:

@@ -147,6 +147,17 @@ def test_automatic_start_from_far_default(clean):
         assert after[n]["rotation_deg"] < 3.0, after
 
 
+def test_automatic_start_from_the_product_default(clean):
+    """No pose given at all: the automatic start begins from default_pose (every bone on the principal ray,
+    so the defaults do not form a knee) and must still find both bones."""
+    _, geometry, bones, truth, frames = clean
+    result = register_sequence(frames[:1], geometry, bones, settings=small_settings())
+    after = errors({n: result.poses[n][0] for n in truth}, truth, bones, geometry, 0)
+    for n in truth:
+        assert after[n]["in_plane_mm"] < 0.5, after
+        assert after[n]["rotation_deg"] < 3.0, after
+
+
 @pytest.fixture(scope="module")
 def sequence(tmp_path_factory):
     # the first frames of a 12-frame squat: a realistic frame rate (a few mm / deg between frames)
