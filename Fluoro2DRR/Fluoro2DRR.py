@@ -231,7 +231,8 @@ class Fluoro2DRRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._stopTimer()
             slicer.util.errorDisplay(f"Registration failed at frame {job.next_frame}: {exc}")
         self.ui.progressBar.setValue(job.next_frame)
-        self.ui.statusLabel.text = f"Registered {job.next_frame} / {job.n_frames} frames"
+        self.ui.statusLabel.text = ("Revisiting weak frames from their neighbours..." if job.revisiting
+                                    else f"Registered {job.next_frame} / {job.n_frames} frames")
         if job.done:
             self._finishJob()
 

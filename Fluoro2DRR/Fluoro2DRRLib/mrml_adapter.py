@@ -885,6 +885,10 @@ class SequenceRegistrationJob:
     one-shot registration. ``cancel()`` stops before the next frame and keeps finished frames.
     ``poses`` / ``quality`` hold what is done; unfinished frames are NaN (and count as failed).
 
+    After the last frame, further steps run the engine's second pass over weak frames
+    (``registration.iter_revisit_weak_frames``: a frame explained clearly worse than the others is registered
+    again from its good neighbours) one frame per step; ``revisiting`` is True meanwhile.
+
     ``init_poses``: name -> (1, 4, 4) (first frame) or (N, 4, 4) (every frame); without it the first
     frame gets the engine's automatic start. ``register_fn``: a stand-in (tests) with the older
     one-frame contract ``register_fn(frames[i:i+1], geometry, bones, init_poses=..., translation=...,
@@ -913,14 +917,25 @@ class SequenceRegistrationJob:
         self.frame_results: list = []  # the engine's FrameResult per finished frame
         self.next_frame = 0
         self.cancelled = False
+        self._revisit = None  # the engine's second pass over weak frames, one frame per step
+        self.revisiting = False
+        self._revisit_finished = False
 
     @property
     def n_frames(self) -> int:
         return len(self.frames)
 
+    def _wants_revisit(self) -> bool:
+        return (self.n_frames > 1 and self._uses_engine(self._register_fn())
+                and getattr(self.registrar.settings, "revisit_weak_frames", False))
+
     @property
     def done(self) -> bool:
-        return self.cancelled or self.next_frame >= self.n_frames
+        if self.cancelled:
+            return True
+        if self.next_frame < self.n_frames:
+            return False
+        return self._revisit_finished or not self._wants_revisit()
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -998,6 +1013,18 @@ class SequenceRegistrationJob:
         if self.done:
             return False
         i = self.next_frame
+        if i >= self.n_frames:  # every frame done: the second pass over weak frames, one frame per step
+            if self._revisit is None:
+                from .registration import iter_revisit_weak_frames  # noqa: PLC0415
+
+                self.revisiting = True
+                self._revisit = iter_revisit_weak_frames(self.frames, self.poses, self.quality, self.registrar,
+                                                         self._translated if self.translation == "bundled" else None)
+            try:
+                next(self._revisit)
+            except StopIteration:
+                self._revisit_finished, self.revisiting = True, False
+            return not self.done
         fn = self._register_fn()
         if self._uses_engine(fn):
             self._step_engine(fn, i)

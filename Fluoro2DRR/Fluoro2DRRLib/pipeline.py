@@ -117,7 +117,7 @@ def run_registration(frames, geometry, bones: dict, out_dir, init_poses=None, tr
     """Register and write results frame by frame. Returns the SequenceResult (poses for every frame)."""
     from tqdm import tqdm
 
-    from .registration import RegistrationSettings, register_sequence
+    from .registration import Registrar, RegistrationSettings, iter_revisit_weak_frames, register_sequence, weak_frames
 
     settings = settings or RegistrationSettings()
     out = Path(out_dir)
@@ -151,10 +151,30 @@ def run_registration(frames, geometry, bones: dict, out_dir, init_poses=None, tr
 
     status = "complete"
     try:
+        registrar = Registrar(geometry, bones, settings, device)
+        translated = None
+        if translation == "bundled" and start < n:
+            from .translation.inference import Translator
+
+            translated = np.zeros(np.shape(frames), np.float32)
+            translated[start:] = Translator.load(device=device).translate(frames[start:])
         if start < n:
             register_sequence(frames, geometry, bones, init_poses=init_poses, translation=translation, device=device,
                               settings=settings, polarity=polarity, start_frame=start, previous=previous,
-                              on_frame=on_frame, default_poses=default_poses)
+                              on_frame=on_frame, default_poses=default_poses, registrar=registrar,
+                              translated_frames=translated)
+        if settings.revisit_weak_frames and len(all_quality) == n and n > 1:
+            weak = weak_frames(all_quality, settings.revisit_dissimilarity_ratio, settings.lost_dissimilarity_margin)[0]
+            if weak and translation == "bundled" and translated is None:  # resumed after every frame was done
+                from .translation.inference import Translator
+
+                translated = Translator.load(device=device).translate(frames)
+            bar.close()
+            bar = tqdm(total=None, desc="revisit weak frames", unit="frame", disable=not progress or not weak)
+            for _frame, _revised in iter_revisit_weak_frames(frames, poses, all_quality, registrar, translated,
+                                                              polarity):
+                writer.write(poses, all_quality, "running")
+                bar.update(1)
     except KeyboardInterrupt:
         status = "interrupted"
         raise

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .bones import BoneModel
 from .errors import InputError
+from .fluoro_sim import TARGET_LI_SCALE
 from .geometry import CArmGeometry, apply_transform
 from .metrics import gradient_ncc, ncc
 from .render import TwoBoneRenderer, resolve_device
@@ -72,8 +73,17 @@ class RegistrationSettings:
     max_jump_deg: float = 20.0
     min_similarity: float = 0.5  # below this a frame is not "converged"
     xray_highpass_fraction: float = 0.08  # raw fluoroscopy: high-pass sigma as a fraction of the image width
+    # translated frames: compare in the networks' output space, exp(-S / scale), where their errors are
+    # uniform ("target"), or in line integrals, -log of it, which amplifies them inside dense bone ("log")
+    translated_space: str = "target"
     # with translation: a last tracking-sized refinement on the raw frame (exact edges) after the translated one
     polish_on_raw_frame: bool = True
+    polish_max_dissimilarity_ratio: float = 2.0  # a polish that explains the translated frame this much worse is dropped
+    # after the sequence: a frame whose dissimilarity exceeds this many times the median of the good frames
+    # (plus lost_dissimilarity_margin), or that failed, is registered again from each good neighbour's pose, backwards then forwards; the
+    # better-explaining pose is kept (a wrong automatic start on frame 0 is never revisited otherwise)
+    revisit_weak_frames: bool = True
+    revisit_dissimilarity_ratio: float = 1.5
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -225,6 +235,7 @@ class Registrar:
                                                compile_renderer=s.compile_renderer))
         self.centroids_bone = {n: bones[n].centroid_mm for n in self.names}
         self.highpass = 0.0  # set per frame from its polarity
+        self.target_space = False  # translated frames compared in the networks' output space (per frame)
 
     # -- helpers --
     def _stack(self, poses: dict[str, np.ndarray]) -> torch.Tensor:
@@ -281,7 +292,7 @@ class Registrar:
         with torch.no_grad():
             renderer = self.levels[levels[-1]]
             fixed, mask = fixed_levels[levels[-1]]
-            sims = similarity(fixed, renderer(poses).sum(1, keepdim=True), mask, self.highpass)
+            sims = similarity(fixed, self._moving(renderer(poses)), mask, self.highpass)
             best = int(torch.argmax(sims))
         return poses[best:best + 1], float(sims[best]), total_iterations, converged
 
@@ -305,7 +316,7 @@ class Registrar:
             opt.zero_grad()
             w, v = bounded(x)
             current = compose_update(poses, centre, w, v)
-            loss = -similarity(fixed, renderer(current).sum(1, keepdim=True), mask, self.highpass).sum()
+            loss = -similarity(fixed, self._moving(renderer(current)), mask, self.highpass).sum()
             if not loss.requires_grad:  # no ray touches any bone: nothing to follow
                 loss = loss + 0.0 * x.sum()
             loss.backward()
@@ -333,7 +344,7 @@ class Registrar:
         for it in range(n_iter):
             opt.zero_grad()
             current = compose_update(poses, centre, w, v)
-            loss = -similarity(fixed, renderer(current).sum(1, keepdim=True), mask, self.highpass).sum()
+            loss = -similarity(fixed, self._moving(renderer(current)), mask, self.highpass).sum()
             loss.backward()
             opt.step()
             sched.step()
@@ -347,10 +358,17 @@ class Registrar:
                 return w.detach(), v.detach(), it + 1, True
         return w.detach(), v.detach(), it + 1, False
 
+    def _moving(self, rendered: torch.Tensor) -> torch.Tensor:
+        """Rendered bones (B, K, h, w) -> the image compared with the frame (B, 1, h, w)."""
+        total = rendered.sum(1, keepdim=True)
+        if self.target_space:
+            return 1.0 - torch.exp(-total / TARGET_LI_SCALE)
+        return total
+
     def score(self, fixed_levels, poses: torch.Tensor, level: int) -> torch.Tensor:
         with torch.no_grad():
             fixed, mask = fixed_levels[level]
-            return similarity(fixed, self.levels[level](poses).sum(1, keepdim=True), mask, self.highpass)
+            return similarity(fixed, self._moving(self.levels[level](poses)), mask, self.highpass)
 
     # -- automatic start --
     def auto_start(self, fixed_levels, default: dict[str, np.ndarray]) -> torch.Tensor:
@@ -379,7 +397,7 @@ class Registrar:
                 v = (beam * depth).expand(n, 1, 3)
                 poses_k = compose_update(base, c_k.expand(n, 1, 3), w_grid[:, None], v)
                 with torch.no_grad():
-                    drr = self._render_single(renderer, k, poses_k)  # (R, 1, h, w)
+                    drr = self._moving(self._render_single(renderer, k, poses_k))  # (R, 1, h, w)
                 scores, shifts = _ncc_search(fixed, mask, drr, max_shift_px)
                 for r in range(n):
                     cands.append((float(scores[r]), poses_k[r, 0], shifts[r]))
@@ -415,12 +433,27 @@ class Registrar:
         return renderer(far)[:, k:k + 1]
 
     # -- one frame --
+    def _frame_levels(self, frame_image: np.ndarray, fov: np.ndarray, polarity: str):
+        """Set the similarity's mode for this frame's polarity and return its image pyramid."""
+        self.highpass = self.settings.xray_highpass_fraction if polarity == "xray" else 0.0
+        self.target_space = polarity == "translated" and self.settings.translated_space == "target"
+        if self.target_space:  # the prepared image is S / scale inside the field: back to 1 - exp(-S / scale)
+            frame_image = 1.0 - np.exp(-np.asarray(frame_image, np.float32))
+        return self.fixed_levels(frame_image, fov)
+
+    def similarity_at(self, frame_image: np.ndarray, fov: np.ndarray, poses: dict[str, np.ndarray],
+                      polarity: str = "drr") -> float:
+        """The objective at given poses on the finest level (as :meth:`register_frame` scores them)."""
+        fl = self._frame_levels(frame_image, fov, polarity)
+        stacked = torch.as_tensor(np.stack([poses[n] for n in self.names])[None], dtype=torch.float32,
+                                  device=self.device)
+        return float(self.score(fl, stacked, len(self.levels) - 1)[0])
+
     def register_frame(self, frame_image: np.ndarray, fov: np.ndarray, start: dict[str, np.ndarray],
                        auto: bool, tracking: bool, polarity: str = "drr") -> tuple[dict[str, np.ndarray], float, int, bool]:
         """``polarity`` of the prepared image's source: "drr", "xray" (raw fluoroscopy: high-passed global NCC
         against soft tissue) or "translated"."""
-        self.highpass = self.settings.xray_highpass_fraction if polarity == "xray" else 0.0
-        fl = self.fixed_levels(frame_image, fov)
+        fl = self._frame_levels(frame_image, fov, polarity)
         s = self.settings
         if auto:
             candidates = self.auto_start(fl, start)
@@ -432,16 +465,27 @@ class Registrar:
         return self._unstack(best), sim, n_it, conv
 
 
-def polish_on_raw_frame(registrar: Registrar, raw_prepared: tuple, poses: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def polish_on_raw_frame(registrar: Registrar, raw_prepared: tuple, poses: dict[str, np.ndarray],
+                        translated_prepared: tuple | None = None) -> dict[str, np.ndarray]:
     """Last refinement on the raw frame (its own polarity, high-passed) from a pose found on the translated one.
 
     The translated image gives the wide basin (it looks like a DRR), the raw frame the exact edges (the
     networks soften and slightly reshape them): measured in Testing/benchmarks/bench_capture_range.py.
     Tracking-sized search regions, so the pose stays in the basin the translated frame chose.
-    ``raw_prepared``: :func:`prepare_frame` of the raw frame.
+    ``raw_prepared``: :func:`prepare_frame` of the raw frame. With ``translated_prepared`` (the translated
+    frame, prepared) the polish is kept only when the translated frame still agrees with it: a raw frame
+    whose wires, saturation or soft tissue pull the pose away (its dissimilarity on the translated frame
+    grows more than ``polish_max_dissimilarity_ratio`` times; legitimate polishes measured 0.99-1.46x, a
+    runaway one 5.2x) leaves the translated pose as it was.
     """
     image, fov, info = raw_prepared
     result, *_ = registrar.register_frame(image, fov, poses, False, True, info["polarity"])
+    if translated_prepared is not None:
+        t_image, t_fov, t_info = translated_prepared
+        before = 1.0 - registrar.similarity_at(t_image, t_fov, poses, t_info["polarity"])
+        after = 1.0 - registrar.similarity_at(t_image, t_fov, result, t_info["polarity"])
+        if after > registrar.settings.polish_max_dissimilarity_ratio * max(before, 1e-6):
+            return poses
     return result
 
 
@@ -673,7 +717,7 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
                     still_lost = True
         failed = bool(sim < settings.min_similarity or (tracking and still_lost))
         if translated is not None and not failed and settings.polish_on_raw_frame:
-            result = polish_on_raw_frame(registrar, raw_prepared, result)
+            result = polish_on_raw_frame(registrar, raw_prepared, result, (image, fov, frame_info))
         for nm in names:
             poses[nm][i] = result[nm]
         good[i] = not failed
@@ -687,3 +731,70 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
         if progress is not None:
             progress(i + 1, n, fr)
     return SequenceResult(poses=poses, quality=quality)
+
+
+
+def weak_frames(quality: list[dict], ratio: float, margin: float = 0.01) -> tuple[list[int], float]:
+    """Frames that failed or whose dissimilarity (1 - similarity) exceeds ``ratio`` x the good frames' median
+    plus ``margin``; and that threshold."""
+    good = [1.0 - float(q["similarity"]) for q in quality
+            if not q.get("failed", False) and np.isfinite(float(q.get("similarity", np.nan)))]
+    threshold = ratio * float(np.median(good)) + margin if good else 0.0
+    weak = [int(q["frame"]) for q in quality
+            if q.get("failed", False) or not (1.0 - float(q.get("similarity", np.nan))) <= threshold]
+    return weak, threshold
+
+
+def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], quality: list[dict],
+                             registrar: Registrar, translated_frames: np.ndarray | None = None,
+                             polarity: str = "auto"):
+    """Second pass over a registered sequence: weak frames (:func:`weak_frames`) are registered again from the
+    poses of their good neighbours, backwards (so a frame 0 that the automatic start got wrong is reached
+    from frame 1) then forwards; a new pose is kept when it explains the frame better than the old one
+    (higher similarity on the same image) and clears the similarity floor.
+
+    Updates ``poses`` (name -> (N, 4, 4)) and ``quality`` (one dict per frame, matched by "frame") in place.
+    A generator: yields ``(frame, revised)`` after each frame it tries, so a GUI can drive it in slices.
+    """
+    settings = registrar.settings
+    names = registrar.names
+    by_frame = {int(q["frame"]): q for q in quality}
+    weak_list, threshold = weak_frames(quality, settings.revisit_dissimilarity_ratio, settings.lost_dissimilarity_margin)
+    weak = set(weak_list)
+    n = len(frames)
+
+    def is_good(j):
+        q = by_frame.get(j)
+        return q is not None and not q.get("failed", False) and j not in weak \
+            and all(np.all(np.isfinite(poses[nm][j])) for nm in names)
+
+    for order, neighbour_step in ((range(n - 1, -1, -1), 1), (range(n), -1)):
+        for i in order:
+            j = i + neighbour_step
+            if i not in weak or i not in by_frame or not (0 <= j < n and is_good(j)):
+                continue
+            t0 = time.time()
+            raw_prepared = prepare_frame(frames[i], polarity)
+            if translated_frames is not None:
+                image, fov, info = prepare_translated_frame(frames[i], translated_frames[i], fov=raw_prepared[1])
+            else:
+                image, fov, info = raw_prepared
+            old_pose = {nm: poses[nm][i] for nm in names}
+            old_sim = registrar.similarity_at(image, fov, old_pose, info["polarity"]) \
+                if all(np.all(np.isfinite(p)) for p in old_pose.values()) else -np.inf
+            start = {nm: poses[nm][j] for nm in names}
+            result, sim, iters, conv = registrar.register_frame(image, fov, start, False, True, info["polarity"])
+            revised = bool(sim > old_sim + 1e-4 and sim >= settings.min_similarity)
+            if revised:
+                if translated_frames is not None and settings.polish_on_raw_frame:
+                    result = polish_on_raw_frame(registrar, raw_prepared, result, (image, fov, info))
+                for nm in names:
+                    poses[nm][i] = result[nm]
+                q = by_frame[i]
+                note = f"revisited from frame {j} (similarity {old_sim:.3f} -> {sim:.3f})"
+                q.update(similarity=round(float(sim), 5), iterations=int(q.get("iterations", 0)) + iters,
+                         converged=bool(conv), failed=False, note=f"{q['note']}; {note}" if q.get("note") else note,
+                         seconds=round(float(q.get("seconds", 0.0)) + time.time() - t0, 3))
+                if (1.0 - sim) <= threshold:
+                    weak.discard(i)  # good now: it can seed its own neighbours
+            yield i, revised

@@ -3,7 +3,6 @@ bad input ending in one clear line (exit code 2) with nothing half-written left 
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -163,8 +162,6 @@ def test_bad_inputs(sim, tmp_path, capsys):
     assert _register(sim, out, **{"--init-femur": str(far)}) == 2
     _one_line_error(capsys, "far.jts", "outside the field of view")
     # an empty label
-    from Fluoro2DRRLib.errors import InputError
-    from Fluoro2DRRLib.simulate import simulate_sequence
 
     labels = np.zeros((20, 20, 20), np.int16)
     labels[5:15, 5:15, 10:18] = 5

@@ -14,7 +14,8 @@ from Fluoro2DRRLib.errors import InputError
 from Fluoro2DRRLib.evaluate import pose_errors
 from Fluoro2DRRLib.frames_io import load_frames
 from Fluoro2DRRLib.geometry import CArmGeometry
-from Fluoro2DRRLib.registration import Registrar, RegistrationSettings, prepare_frame, register_sequence
+from Fluoro2DRRLib.registration import (Registrar, RegistrationSettings, iter_revisit_weak_frames, polish_on_raw_frame,
+                                        prepare_frame, register_sequence)
 
 SIZE = 256
 
@@ -235,6 +236,50 @@ def test_a_wrong_track_is_reacquired_not_failed(sequence):
     e = errors({n: result.poses[n][1] for n in truth}, truth, bones, geometry, 1)
     for n in truth:
         assert e[n]["in_plane_mm"] < 0.5, e
+
+
+def test_a_wrong_first_frame_is_revisited_from_its_neighbour(sequence):
+    """Tracking never looks back: a first frame that the automatic start got wrong stays wrong unless the
+    second pass registers it again from frame 1 (backwards) and keeps the pose that explains it better."""
+    _, geometry, bones, truth, frames = sequence
+    registrar = Registrar(geometry, bones, small_settings())
+    shift = np.eye(4)
+    shift[:3, 3] = 12.0 * np.cross(geometry.beam_direction_world, [1.0, 0.0, 0.0])  # 12 mm in-plane
+    poses = {n: truth[n].copy() for n in truth}
+    for n in truth:
+        poses[n][0] = shift @ truth[n][0]
+    quality = []
+    for k in range(len(frames)):
+        image, fov, info = prepare_frame(frames[k])
+        sim = registrar.similarity_at(image, fov, {n: poses[n][k] for n in truth}, info["polarity"])
+        quality.append({"frame": k, "similarity": sim, "failed": False, "note": ""})
+    assert quality[0]["similarity"] < quality[1]["similarity"] - 0.1  # the wrong frame is weak
+    before = {n: poses[n].copy() for n in truth}
+    tried = list(iter_revisit_weak_frames(frames, poses, quality, registrar))
+    assert tried == [(0, True)], tried  # only the weak frame was tried, and it was revised
+    e = errors({n: poses[n][0] for n in truth}, truth, bones, geometry, 0)
+    for n in truth:
+        assert e[n]["in_plane_mm"] < 0.3 and e[n]["rotation_deg"] < 1.0, e
+        np.testing.assert_array_equal(poses[n][1:], before[n][1:])  # good frames untouched
+    assert "revisited from frame 1" in quality[0]["note"] and quality[0]["similarity"] > quality[1]["similarity"] - 0.05
+
+
+def test_a_polish_that_the_translated_frame_disagrees_with_is_dropped(sequence):
+    """The raw-frame polish may follow wires or saturation away from the bones; the translated frame vetoes it."""
+    _, geometry, bones, truth, frames = sequence
+    registrar = Registrar(geometry, bones, small_settings())
+    start = {n: truth[n][0] for n in truth}
+    translated_prepared = prepare_frame(frames[0])  # stands in for the translated frame: it agrees with the truth
+    misleading_raw = prepare_frame(np.roll(frames[0], 10, axis=1))  # a raw frame that pulls 10 px sideways
+    unguarded = polish_on_raw_frame(registrar, misleading_raw, start)
+    moved = [errors(unguarded, truth, bones, geometry, 0)[n]["in_plane_mm"] for n in truth]
+    assert min(moved) > 4.0, moved  # without the veto the polish follows the raw frame
+    guarded = polish_on_raw_frame(registrar, misleading_raw, start, translated_prepared)
+    for n in truth:
+        np.testing.assert_array_equal(guarded[n], start[n])
+    agreeing = polish_on_raw_frame(registrar, prepare_frame(frames[0]), start, translated_prepared)
+    for n, e in errors(agreeing, truth, bones, geometry, 0).items():  # a polish both frames agree on is kept
+        assert e["in_plane_mm"] < 0.3 and not np.array_equal(agreeing[n], start[n]), (n, e)
 
 
 def test_bad_inputs_are_clear(clean):

@@ -5,7 +5,6 @@ import argparse
 import json
 import shutil
 from dataclasses import fields
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,6 +109,16 @@ def test_stage2_shapes(name):
     y = net(x)
     assert y.shape == x.shape and y.dtype == torch.float32 and torch.isfinite(y).all()
     assert count_parameters(net) > 0
+
+
+def test_config_choosing_another_backbone_builds_it():
+    from Fluoro2DRRLib.translation.train import build_models, merge_config
+
+    cfg = merge_config({"stage2": {"name": "nafnet", "kwargs": {"width": 4, "n_blocks": 1}}})
+    assert cfg["stage2"]["kwargs"] == {"width": 4, "n_blocks": 1}  # not the default DRUNet's channels
+    assert type(build_models(cfg)[2]).__name__ == "NAFNetLite"
+    tweak = merge_config({"stage2": {"epochs": 1}})  # a partial config keeps the default network
+    assert tweak["stage2"]["name"] == "drunet" and "channels" in tweak["stage2"]["kwargs"]
 
 
 def test_stage2_unknown_name():

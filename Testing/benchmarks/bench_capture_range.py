@@ -89,7 +89,7 @@ def main():
                     image, fov, info = prepared["raw" if mode == "raw" else "translated"][k]
                     res, *_ = registrar.register_frame(image, fov, start, False, False, info["polarity"])
                     if mode == "translated + raw polish":
-                        res = polish_on_raw_frame(registrar, prepared["raw"][k], res)
+                        res = polish_on_raw_frame(registrar, prepared["raw"][k], res, prepared["translated"][k])
                     errs = {n: pose_errors(res[n][None], truth[n][k:k + 1], bones[n].centroid_mm, geometry)
                             for n in truth}
                     in_plane += [float(e["in_plane_mm"][0]) for e in errs.values()]

@@ -64,6 +64,43 @@ def field_metrics(pred, target, fov):
     return float(np.mean(out_ncc)), float(np.mean(out_mae))
 
 
+def held_out_sets(n: int) -> dict:
+    """``{set name: (frames, targets, field-of-view masks)}``, ``n`` simulated frames per set, 256 px."""
+    from Fluoro2DRRLib.fluoro_sim import clean_drr_target, simulate_fluoroscopy
+    from Fluoro2DRRLib.metrics import field_of_view_mask
+    from Fluoro2DRRLib.translation.data import DRRSource, Procedural2DKneeSource
+
+    sources = {"phantoms (seeds 5000+)": DRRSource(n_phantoms=4, first_phantom_seed=5000)}
+    if LABELMAP.exists():
+        sources["MRI knee (../shared)"] = LabelMapSource(LABELMAP)
+    sources["2-D procedural"] = Procedural2DKneeSource()
+    sets = {}
+    for name, source in sources.items():
+        frames, targets = [], []
+        for k in range(n):
+            rng = np.random.default_rng([777777, k])
+            li = source.sample(rng, 256)
+            frames.append(simulate_fluoroscopy(li, rng, None, float(rng.uniform(0.6, 1.2))))
+            targets.append(clean_drr_target(li))
+        frames, targets = np.stack(frames).astype(np.float32), np.stack(targets).astype(np.float32)
+        fov = np.stack([np.asarray(field_of_view_mask(f), np.float32) for f in frames])
+        sets[name] = (frames, targets, fov)
+    return sets
+
+
+def evaluate(outputs: dict, targets, fov) -> dict:
+    """``{label: metrics}`` for ``{label: (N, H, W) images}`` against the clean targets."""
+    from Fluoro2DRRLib.translation.train import image_metrics
+
+    t = torch.from_numpy(targets)[:, None]
+    results = {}
+    for label, img in outputs.items():
+        m = image_metrics(torch.from_numpy(img)[:, None].float(), t)
+        m["ncc_field"], m["mae_field"] = field_metrics(img, targets, fov)
+        results[label] = m
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-dir", default=None)
@@ -72,38 +109,17 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "bench_out" / "translation_eval"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from Fluoro2DRRLib.fluoro_sim import clean_drr_target, simulate_fluoroscopy
-    from Fluoro2DRRLib.metrics import field_of_view_mask
-    from Fluoro2DRRLib.translation.data import DRRSource, Procedural2DKneeSource
+    from Fluoro2DRRLib.translation.data import robust_normalize
     from Fluoro2DRRLib.translation.inference import Translator
-    from Fluoro2DRRLib.translation.train import image_metrics
 
     tr = Translator.load(args.model_dir, device="cpu")
-    sets = {"phantoms (seeds 5000+)": DRRSource(n_phantoms=4, first_phantom_seed=5000)}
-    if LABELMAP.exists():
-        sets["MRI knee (../shared)"] = LabelMapSource(LABELMAP)
-    sets["2-D procedural"] = Procedural2DKneeSource()
     rows, results = [], {}
-    for name, source in sets.items():
-        frames, targets = [], []
-        for k in range(args.n):
-            rng = np.random.default_rng([777777, k])
-            li = source.sample(rng, 256)
-            frames.append(simulate_fluoroscopy(li, rng, None, float(rng.uniform(0.6, 1.2))))
-            targets.append(clean_drr_target(li))
-        frames, targets = np.stack(frames).astype(np.float32), np.stack(targets).astype(np.float32)
-        fov = np.stack([np.asarray(field_of_view_mask(f), np.float32) for f in frames])
+    for name, (frames, targets, fov) in held_out_sets(args.n).items():
         # the raw frame in [0, 1] as the networks see it (bone dark on bright, like the target)
-        from Fluoro2DRRLib.translation.data import robust_normalize
-
         outputs = {"raw frame": np.stack([robust_normalize(f) for f in frames]),
                    "stage 1": tr.translate(frames, stage="1"), "stages 1 + 2": tr.translate(frames, stage="both")}
-        t = torch.from_numpy(targets)[:, None]
-        results[name] = {}
-        for label, img in outputs.items():
-            m = image_metrics(torch.from_numpy(img)[:, None].float(), t)
-            m["ncc_field"], m["mae_field"] = field_metrics(img, targets, fov)
-            results[name][label] = m
+        results[name] = evaluate(outputs, targets, fov)
+        for label, m in results[name].items():
             rows.append(f"| {name} | {label} | {m['psnr']:.1f} | {m['ssim']:.3f} | {m['ncc']:.3f} | "
                         f"{m['ncc_field']:.3f} | {m['mae_field']:.3f} |")
             print(rows[-1], flush=True)

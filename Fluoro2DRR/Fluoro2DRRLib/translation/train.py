@@ -60,7 +60,13 @@ def merge_config(config) -> dict:
             out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
         return out
 
-    return merge(DEFAULT_CONFIG, config)
+    merged = merge(DEFAULT_CONFIG, config)
+    # a stage-2 network's keyword arguments belong to that network: a config that picks another
+    # backbone must not inherit the default DRUNet's (SR-ResNet has no ``channels``)
+    stage2 = (config or {}).get("stage2") or {}
+    if "name" in stage2 and "kwargs" in stage2:
+        merged["stage2"]["kwargs"] = copy.deepcopy(stage2["kwargs"])
+    return merged
 
 
 def config_hash(config: dict) -> str:
