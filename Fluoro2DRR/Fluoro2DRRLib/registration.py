@@ -174,6 +174,15 @@ def prepare_frame(frame: np.ndarray, polarity: str = "auto") -> tuple[np.ndarray
     return np.asarray(image, np.float32), fov, info
 
 
+def prepare_frame_and_translation(frame: np.ndarray, translated: np.ndarray | None, polarity: str = "auto"):
+    """-> (the raw frame prepared, the image to register): the translated frame prepared when there is one
+    (its field of view taken from the raw frame), else the raw frame again."""
+    raw_prepared = prepare_frame(frame, polarity)
+    if translated is None:
+        return raw_prepared, raw_prepared
+    return raw_prepared, prepare_translated_frame(frame, translated, fov=raw_prepared[1])
+
+
 def _downsample(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(1, 1, H, W) -> (1, 1, h, w) by area averaging (antialiased)."""
     if tuple(image.shape[-2:]) == (size[1], size[0]):
@@ -659,11 +668,8 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
         if should_stop is not None and should_stop():
             break
         t0 = time.time()
-        raw_prepared = prepare_frame(frames[i], polarity)
-        if translated is not None:
-            image, fov, frame_info = prepare_translated_frame(frames[i], translated[i], fov=raw_prepared[1])
-        else:
-            image, fov, frame_info = raw_prepared
+        raw_prepared, (image, fov, frame_info) = prepare_frame_and_translation(
+            frames[i], None if translated is None else translated[i], polarity)
         last_good = int(np.flatnonzero(good[:i])[-1]) if good[:i].any() else None
         reinit = False
         note = ""
@@ -753,6 +759,9 @@ def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], q
     from frame 1) then forwards; a new pose is kept when it explains the frame better than the old one
     (higher similarity on the same image) and clears the similarity floor.
 
+    A frame flagged as failed whose search from a good neighbour lands where it already is (within 1 mm
+    across the beam and 2 deg) is confirmed: its "failed" flag is cleared, its pose kept.
+
     Updates ``poses`` (name -> (N, 4, 4)) and ``quality`` (one dict per frame, matched by "frame") in place.
     A generator: yields ``(frame, revised)`` after each frame it tries, so a GUI can drive it in slices.
     """
@@ -774,11 +783,8 @@ def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], q
             if i not in weak or i not in by_frame or not (0 <= j < n and is_good(j)):
                 continue
             t0 = time.time()
-            raw_prepared = prepare_frame(frames[i], polarity)
-            if translated_frames is not None:
-                image, fov, info = prepare_translated_frame(frames[i], translated_frames[i], fov=raw_prepared[1])
-            else:
-                image, fov, info = raw_prepared
+            raw_prepared, (image, fov, info) = prepare_frame_and_translation(
+                frames[i], None if translated_frames is None else translated_frames[i], polarity)
             old_pose = {nm: poses[nm][i] for nm in names}
             old_sim = registrar.similarity_at(image, fov, old_pose, info["polarity"]) \
                 if all(np.all(np.isfinite(p)) for p in old_pose.values()) else -np.inf
@@ -797,4 +803,31 @@ def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], q
                          seconds=round(float(q.get("seconds", 0.0)) + time.time() - t0, 3))
                 if (1.0 - sim) <= threshold:
                     weak.discard(i)  # good now: it can seed its own neighbours
+            elif by_frame[i].get("failed", False) and sim >= settings.min_similarity and \
+                    _same_place(old_pose, result, registrar):
+                # flagged as lost, but a search from a good neighbour lands where the frame already is: the
+                # frame is right (its similarity is just lower, e.g. wires over it) -- do not hide it as failed
+                q = by_frame[i]
+                note = f"confirmed from frame {j}"
+                q.update(failed=False, note=f"{q['note']}; {note}" if q.get("note") else note)
+                if (1.0 - old_sim) <= threshold:
+                    weak.discard(i)
             yield i, revised
+
+
+def _same_place(a: dict[str, np.ndarray], b: dict[str, np.ndarray], registrar: Registrar,
+                in_plane_mm: float = 1.0, rotation_deg: float = 2.0) -> bool:
+    """Both poses put every bone's centroid within ``in_plane_mm`` across the beam and within
+    ``rotation_deg`` (depth is left out: single-plane depth is the loose component, and the raw-frame
+    polish moves it)."""
+    if not all(np.all(np.isfinite(a[n])) for n in registrar.names):
+        return False
+    source = registrar.geometry.source_position_world
+    for n in registrar.names:
+        c = np.r_[registrar.centroids_bone[n], 1.0]
+        ca, cb = (a[n] @ c)[:3], (b[n] @ c)[:3]
+        ray = (ca - source) / np.linalg.norm(ca - source)
+        d = cb - ca
+        if np.linalg.norm(d - (d @ ray) * ray) > in_plane_mm or _rotation_deg(a[n], b[n]) > rotation_deg:
+            return False
+    return True

@@ -254,14 +254,24 @@ def test_a_wrong_first_frame_is_revisited_from_its_neighbour(sequence):
         sim = registrar.similarity_at(image, fov, {n: poses[n][k] for n in truth}, info["polarity"])
         quality.append({"frame": k, "similarity": sim, "failed": False, "note": ""})
     assert quality[0]["similarity"] < quality[1]["similarity"] - 0.1  # the wrong frame is weak
+    # a right frame that tracking flagged as lost (e.g. wires lowered its similarity), at the pose a search from
+    # frame 3 finds: the second pass finds it again, so it confirms the frame instead of leaving it failed
+    image, fov, info = prepare_frame(frames[2])
+    found = registrar.register_frame(image, fov, {n: poses[n][3] for n in truth}, False, True, info["polarity"])[0]
+    for n in truth:
+        poses[n][2] = found[n]
+    quality[2]["failed"] = True
     before = {n: poses[n].copy() for n in truth}
     tried = list(iter_revisit_weak_frames(frames, poses, quality, registrar))
-    assert tried == [(0, True)], tried  # only the weak frame was tried, and it was revised
-    e = errors({n: poses[n][0] for n in truth}, truth, bones, geometry, 0)
+    assert tried == [(2, False), (0, True)], tried  # only the weak frames, backwards; 0 revised, 2 kept
+    for k in (0, 2):
+        e = errors({n: poses[n][k] for n in truth}, truth, bones, geometry, k)
+        for n in truth:
+            assert e[n]["in_plane_mm"] < 0.3 and e[n]["rotation_deg"] < 1.0, (k, e)
     for n in truth:
-        assert e[n]["in_plane_mm"] < 0.3 and e[n]["rotation_deg"] < 1.0, e
-        np.testing.assert_array_equal(poses[n][1:], before[n][1:])  # good frames untouched
+        np.testing.assert_array_equal(poses[n][1:], before[n][1:])  # good and confirmed frames untouched
     assert "revisited from frame 1" in quality[0]["note"] and quality[0]["similarity"] > quality[1]["similarity"] - 0.05
+    assert not quality[2]["failed"] and quality[2]["note"] == "confirmed from frame 3", quality[2]
 
 
 def test_a_polish_that_the_translated_frame_disagrees_with_is_dropped(sequence):

@@ -10,7 +10,8 @@ knee when ../shared is there; 16 frames each) against the clean DRR target:
   perceptual, segmentation, adversarial switched off, and the edge / gradient term (weight 0 in the
   bundled recipe) switched on -- each trained from scratch with the same seed, the same training pairs and
   the same short budget (``--epochs`` x 100 steps, constant learning rate; the best validation epoch is
-  kept, as in the real recipe). The bundled model had 52 epochs; a CPU cannot afford that per variant,
+  kept, as in the real recipe); "all terms" is trained twice (seeds 0 and 1) to show the noise of so short a
+  budget. The bundled model had 52 epochs; a CPU cannot afford that per variant,
   so these compare recipes at an equal, short budget, not the bundled weights.
 * Stage 2: on top of the bundled (converged) stage-1 generator, no stage 2, and each backbone (DRUNet,
   SR-ResNet, NAFNet) trained for ``--stage2-epochs`` x 100 steps on the same stage-1 outputs.
@@ -42,6 +43,7 @@ from eval_translation import evaluate, held_out_sets  # noqa: E402
 BUNDLED_CONFIG = ROOT / "Resources" / "Models" / "translation_config.json"
 LOSS_VARIANTS = {  # name -> stage-1 loss weights changed from the bundled recipe
     "all terms (bundled recipe)": {},
+    "all terms, another seed": {"_seed": 1},  # the spread between these two rows is the noise of this budget
     "no L1": {"l1": 0.0},
     "no SSIM": {"ssim": 0.0},
     "no perceptual": {"perceptual": 0.0},
@@ -117,7 +119,8 @@ def main():
         cfg = copy.deepcopy(base_cfg)
         cfg["stage1"]["epochs"] = args.epochs
         cfg["stage1"].pop("lr_schedule", None)
-        cfg["stage1"]["weights"] = {**cfg["stage1"]["weights"], **change}
+        cfg["seed"] = change.get("_seed", cfg["seed"])
+        cfg["stage1"]["weights"] = {**cfg["stage1"]["weights"], **{k: v for k, v in change.items() if k != "_seed"}}
         cfg["stage2"]["epochs"] = 0
         run_dir = out / slug(name)
         share_cache(cache, run_dir)
@@ -165,9 +168,14 @@ def main():
         return " | ".join(f"{m[s]['psnr']:.1f} / {m[s]['ssim']:.3f} / {m[s]['ncc']:.3f}" for s in set_names)
 
     lines.append(f"| input | raw frame | - | {cells(results['raw'])} |")
-    for part in ("loss", "stage2"):
-        for name, r in results.get(part, {}).items():
-            lines.append(f"| {'loss terms' if part == 'loss' else 'stage 2'} | {name} | {r['train_minutes']} | "
+    for part, order in (("loss", LOSS_VARIANTS), ("stage2", BACKBONES)):
+        for name in [v for v in order if v in results.get(part, {})]:
+            r = results[part][name]
+            label = name
+            models_json = out / ("stage2_" + slug(name)) / "models.json"
+            if part == "stage2" and models_json.exists() and "stage2" in json.loads(models_json.read_text())["models"]:
+                label += f" ({json.loads(models_json.read_text())['models']['stage2']['parameters'] / 1e6:.2f} M parameters)"
+            lines.append(f"| {'loss terms' if part == 'loss' else 'stage 2'} | {label} | {r['train_minutes']} | "
                          f"{cells(r['metrics'])} |")
     table = "\n".join(lines)
     print("\n" + table)
