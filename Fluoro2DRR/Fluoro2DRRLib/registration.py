@@ -610,6 +610,8 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
     frame by frame translates each frame once.
     ``progress(done, total, FrameResult)`` after each frame; ``should_stop()`` is checked between frames
     (finished frames are returned); ``on_frame(FrameResult)`` lets callers write results frame by frame.
+    Tracking only looks forward: the second pass over weak frames (:func:`iter_revisit_weak_frames`) is run by
+    the callers after the last frame (``pipeline.run_registration``, ``mrml_adapter.SequenceRegistrationJob``).
     """
     from .frames_io import as_frame_stack
 

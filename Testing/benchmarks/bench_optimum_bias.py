@@ -11,7 +11,8 @@ with the tracking settings on:
 * raw simulated fluoroscopy (full strength);
 * the same frames translated by the bundled networks, compared in line integrals (-log of the output,
   ``translated_space="log"``) and in the networks' output space (``"target"``);
-* translated, then polished on the raw frame (the product's default path).
+* translated (target space), then polished on the raw frame unless the translated frame disagrees (the
+  product's default path).
 
 Prints median / 95th percentile in-plane, signed out-of-plane and rotation errors per input, and the share
 of frames whose similarity at the found pose beats the similarity at the truth (1.0: the optimiser did its
@@ -75,7 +76,7 @@ def main():
         raw = prepare_frame(frames["fluoro"][k])
         trans = prepare_translated_frame(frames["fluoro"][k], translated[k], fov=raw[1])
         for name in INPUTS:
-            reg = registrars["target" if "target" in name else "log"]
+            reg = registrars["log" if "log" in name else "target"]  # the polish row: the product's default
             image, fov, info = prepare_frame(frames["none"][k]) if name == "clean DRR" else \
                 raw if name == "raw fluoroscopy" else trans
             found, *_ = reg.register_frame(image, fov, start, False, True, info["polarity"])
