@@ -78,10 +78,11 @@ class RegistrationSettings:
     translated_space: str = "target"
     # with translation: a last tracking-sized refinement on the raw frame (exact edges) after the translated one
     polish_on_raw_frame: bool = True
-    polish_max_dissimilarity_ratio: float = 2.0  # a polish that explains the translated frame this much worse is dropped
+    # a polish that explains the translated frame this many times worse (dissimilarity) is dropped
+    polish_max_dissimilarity_ratio: float = 2.0
     # after the sequence: a frame whose dissimilarity exceeds this many times the median of the good frames
-    # (plus lost_dissimilarity_margin), or that failed, is registered again from each good neighbour's pose, backwards then forwards; the
-    # better-explaining pose is kept (a wrong automatic start on frame 0 is never revisited otherwise)
+    # (plus lost_dissimilarity_margin), or that failed, is registered again from each good neighbour's pose,
+    # backwards then forwards; the better-explaining pose is kept (tracking never looks back otherwise)
     revisit_weak_frames: bool = True
     revisit_dissimilarity_ratio: float = 1.5
 
@@ -450,13 +451,18 @@ class Registrar:
             frame_image = 1.0 - np.exp(-np.asarray(frame_image, np.float32))
         return self.fixed_levels(frame_image, fov)
 
+    def similarities_at(self, frame_image: np.ndarray, fov: np.ndarray, poses: list[dict[str, np.ndarray]],
+                        polarity: str = "drr") -> list[float]:
+        """The objective at each of several poses on the finest level (as :meth:`register_frame` scores them):
+        one image pyramid, one batched render."""
+        fl = self._frame_levels(frame_image, fov, polarity)
+        stacked = torch.as_tensor(np.stack([np.stack([p[n] for n in self.names]) for p in poses]),
+                                  dtype=torch.float32, device=self.device)
+        return [float(v) for v in self.score(fl, stacked, len(self.levels) - 1)]
+
     def similarity_at(self, frame_image: np.ndarray, fov: np.ndarray, poses: dict[str, np.ndarray],
                       polarity: str = "drr") -> float:
-        """The objective at given poses on the finest level (as :meth:`register_frame` scores them)."""
-        fl = self._frame_levels(frame_image, fov, polarity)
-        stacked = torch.as_tensor(np.stack([poses[n] for n in self.names])[None], dtype=torch.float32,
-                                  device=self.device)
-        return float(self.score(fl, stacked, len(self.levels) - 1)[0])
+        return self.similarities_at(frame_image, fov, [poses], polarity)[0]
 
     def register_frame(self, frame_image: np.ndarray, fov: np.ndarray, start: dict[str, np.ndarray],
                        auto: bool, tracking: bool, polarity: str = "drr") -> tuple[dict[str, np.ndarray], float, int, bool]:
@@ -491,8 +497,7 @@ def polish_on_raw_frame(registrar: Registrar, raw_prepared: tuple, poses: dict[s
     result, *_ = registrar.register_frame(image, fov, poses, False, True, info["polarity"])
     if translated_prepared is not None:
         t_image, t_fov, t_info = translated_prepared
-        before = 1.0 - registrar.similarity_at(t_image, t_fov, poses, t_info["polarity"])
-        after = 1.0 - registrar.similarity_at(t_image, t_fov, result, t_info["polarity"])
+        before, after = (1.0 - v for v in registrar.similarities_at(t_image, t_fov, [poses, result], t_info["polarity"]))
         if after > registrar.settings.polish_max_dissimilarity_ratio * max(before, 1e-6):
             return poses
     return result
@@ -739,7 +744,6 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
         if progress is not None:
             progress(i + 1, n, fr)
     return SequenceResult(poses=poses, quality=quality)
-
 
 
 def weak_frames(quality: list[dict], ratio: float, margin: float = 0.01) -> tuple[list[int], float]:
