@@ -441,6 +441,7 @@ class Fluoro2DRRLogic(ScriptedLoadableModuleLogic):
                    ctNode=None, settings=None, initPoses=None):
         """-> (SequenceRegistrationJob, context) for frame-by-frame (timer-driven) registration.
 
+        ``translation``: "none", "bundled" or a model folder written by ``fluoro2drr train`` (a fine-tuned model).
         ``settings``: a ``Fluoro2DRRLib.registration.RegistrationSettings`` (default: the engine's).
         ``initPoses``: {"femur", "tibia"} -> world_from_bone (1, 4, 4) for the first frame (or (N, 4, 4));
         without it the first frame gets the automatic start. The job steps one frame at a time on one

@@ -85,13 +85,17 @@ def add_register_arguments(p):
     p.add_argument("--init-femur", help="pose file (.jts/.tra/.csv) for the femur: one row starts frame 0, "
                                         "one row per frame starts each frame")
     p.add_argument("--init-tibia", help="pose file for the tibia (as --init-femur)")
-    p.add_argument("--translation", choices=["none", "bundled"], default="none",
-                   help="translate frames to DRR-like images with the bundled networks first")
+    p.add_argument("--translation", default="none", metavar="none|bundled|MODEL_DIR",
+                   help="translate frames to DRR-like images first: with the bundled networks, or with a model "
+                        "folder written by 'fluoro2drr train' (e.g. fine-tuned on your own paired frames)")
     p.add_argument("--polarity", choices=["auto", "xray", "drr"], default="auto",
                    help="frame polarity: xray = bone dark on bright (raw fluoroscopy), drr = bone bright")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--detector-size", type=int, default=256,
                    help="finest detector size (pixels) used by the registration (default 256)")
+    p.add_argument("--smooth-window", type=int, default=1, metavar="FRAMES",
+                   help="also write OUT/smoothed/: poses smoothed in time over this many frames (odd; a local "
+                        "quadratic, failed frames ignored); OUT keeps the per-frame measurements. 1: off")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the renderer: ~20 %% faster per frame on the CPU after 10-70 s of "
                         "compilation (needs a C++ compiler); pays off on long sequences")
@@ -124,7 +128,7 @@ def _add_demo(sub):
     p.add_argument("--frames", type=int, default=12)
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--realism", choices=["none", "fluoro"], default="none")
-    p.add_argument("--translation", choices=["none", "bundled"], default="none")
+    p.add_argument("--translation", default="none", metavar="none|bundled|MODEL_DIR")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=_run_demo)
 

@@ -902,6 +902,12 @@ class SequenceRegistrationJob:
             self.frames = self.frames[None]
         self.geometry = geometry
         self.bones = bones
+        from .registration import translating  # noqa: PLC0415
+
+        if translating(translation):  # a wrong model folder fails here, before the first frame
+            from .translation.inference import translation_model_dir  # noqa: PLC0415
+
+            translation_model_dir(translation)
         self.translation = translation
         self.device = device
         self.settings = settings
@@ -963,13 +969,15 @@ class SequenceRegistrationJob:
         return self._registrar
 
     def _translated_up_to(self, i: int):
-        """Frames translated by the bundled networks, each translated once (frame ``i`` at step ``i``)."""
-        if self.translation != "bundled":
+        """Frames translated by the chosen networks, each translated once (frame ``i`` at step ``i``)."""
+        from .registration import translating  # noqa: PLC0415
+
+        if not translating(self.translation):
             return None
         if self._translator is None:
             from .translation.inference import Translator  # noqa: PLC0415
 
-            self._translator = Translator.load(device=self.device)
+            self._translator = Translator.for_option(self.translation, self.device)
             self._translated = np.zeros_like(self.frames)
             self._translated_done = set()
         if i not in self._translated_done:
@@ -1015,11 +1023,11 @@ class SequenceRegistrationJob:
         i = self.next_frame
         if i >= self.n_frames:  # every frame done: the second pass over weak frames, one frame per step
             if self._revisit is None:
-                from .registration import iter_revisit_weak_frames  # noqa: PLC0415
+                from .registration import iter_revisit_weak_frames, translating  # noqa: PLC0415
 
                 self.revisiting = True
                 self._revisit = iter_revisit_weak_frames(self.frames, self.poses, self.quality, self.registrar,
-                                                         self._translated if self.translation == "bundled" else None)
+                                                         self._translated if translating(self.translation) else None)
             try:
                 next(self._revisit)
             except StopIteration:

@@ -117,19 +117,26 @@ def run_registration(frames, geometry, bones: dict, out_dir, init_poses=None, tr
     """Register and write results frame by frame. Returns the SequenceResult (poses for every frame)."""
     from tqdm import tqdm
 
-    from .registration import Registrar, RegistrationSettings, iter_revisit_weak_frames, register_sequence, weak_frames
+    from .registration import (Registrar, RegistrationSettings, iter_revisit_weak_frames, register_sequence,
+                               translating, weak_frames)
 
     settings = settings or RegistrationSettings()
     out = Path(out_dir)
     n = len(frames)
     names = [k for k in BONE_NAMES if k in bones]
     fingerprint = _fingerprint(frames, geometry)
+    translator = None
+    if translating(translation):  # loaded first: a wrong model folder fails before anything is written
+        from .translation.inference import Translator
+
+        translator = Translator.for_option(translation, device)
     previous, quality, start = None, [], 0
     if resume and out.exists():
         previous, quality, start = _read_previous(out, fingerprint, names)
     elif out.exists() and (out / "report.json").exists() and not resume:
         raise InputError(out, "already holds a registration: use --resume to continue it, or another --out")
     report_base = {"fingerprint": fingerprint, "inputs": inputs_description or {}, "translation": translation,
+                   "translation_model": None if translator is None else translator.info.get("config_hash"),
                    "polarity": polarity, "settings": settings.to_dict(), "device": device,
                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     writer = ResultWriter(out, geometry, bones, n, report_base)
@@ -153,11 +160,9 @@ def run_registration(frames, geometry, bones: dict, out_dir, init_poses=None, tr
     try:
         registrar = Registrar(geometry, bones, settings, device)
         translated = None
-        if translation == "bundled" and start < n:
-            from .translation.inference import Translator
-
+        if translator is not None and start < n:
             translated = np.zeros(np.shape(frames), np.float32)
-            translated[start:] = Translator.load(device=device).translate(frames[start:])
+            translated[start:] = translator.translate(frames[start:])
         if start < n:
             register_sequence(frames, geometry, bones, init_poses=init_poses, translation=translation, device=device,
                               settings=settings, polarity=polarity, start_frame=start, previous=previous,
@@ -165,10 +170,8 @@ def run_registration(frames, geometry, bones: dict, out_dir, init_poses=None, tr
                               translated_frames=translated)
         if settings.revisit_weak_frames and len(all_quality) == n and n > 1:
             weak = weak_frames(all_quality, settings.revisit_dissimilarity_ratio, settings.lost_dissimilarity_margin)[0]
-            if weak and translation == "bundled" and translated is None:  # resumed after every frame was done
-                from .translation.inference import Translator
-
-                translated = Translator.load(device=device).translate(frames)
+            if weak and translator is not None and translated is None:  # resumed after every frame was done
+                translated = translator.translate(frames)
             bar.close()
             bar = tqdm(total=None, desc="revisit weak frames", unit="frame", disable=not progress or not weak)
             for _frame, _revised in iter_revisit_weak_frames(frames, poses, all_quality, registrar, translated,
@@ -186,10 +189,32 @@ def run_registration(frames, geometry, bones: dict, out_dir, init_poses=None, tr
     return SequenceResult(poses=poses, quality=all_quality)
 
 
+def write_smoothed(out_dir, result, geometry, bones: dict, window_frames: int, order: int = 2) -> Path:
+    """OUT/smoothed/: the registered poses smoothed in time (:func:`smoothing.smooth_pose_sequence`; failed
+    frames weigh 0 and get their neighbours' fit), in the same files as OUT. OUT itself is left as measured."""
+    from .smoothing import smooth_pose_sequence
+
+    failed = {int(q["frame"]) for q in result.quality if q.get("failed", False)}
+    names = list(result.poses)
+    n = len(result.poses[names[0]])
+    weights = np.array([0.0 if k in failed else 1.0 for k in range(n)])
+    smoothed = {k: smooth_pose_sequence(result.poses[k], bones[k].centroid_mm, window_frames, order, weights)
+                for k in names}
+    target = Path(out_dir) / "smoothed"
+    writer = ResultWriter(target, geometry, {k: bones[k] for k in names}, n,
+                          {"smoothing": {"window_frames": int(window_frames), "order": int(order),
+                                         "failed_frames_ignored": sorted(failed)},
+                           "measured_poses": str(Path(out_dir) / "poses.csv")})
+    writer.write(smoothed, result.quality, "complete")
+    return target
+
+
 def register_command(args) -> None:
     from .calibration_io import load_calibration
     from .frames_io import check_frames_match_geometry, load_frames
 
+    if args.smooth_window < 1 or args.smooth_window % 2 == 0:  # checked before an hour of registration
+        raise InputError("--smooth-window", f"must be an odd number of frames >= 1, not {args.smooth_window}")
     stack = load_frames(args.frames)
     height, width = stack.frames.shape[1:]
     geometry = load_calibration(args.calibration, image_size=(width, height), pixel_spacing_mm=args.pixel_spacing)
@@ -218,6 +243,9 @@ def register_command(args) -> None:
                               args.polarity, args.resume, settings, inputs_description=description)
     done = sum(np.all(np.isfinite(result.poses["femur"]), axis=(1, 2)))
     print(f"registered {done}/{len(stack.frames)} frames -> {args.out}/poses.csv, femur/tibia .jts and .tra, report.json")
+    if args.smooth_window > 1 and len(result.quality) == len(stack.frames):
+        target = write_smoothed(args.out, result, geometry, bones, args.smooth_window)
+        print(f"smoothed in time ({args.smooth_window}-frame window) -> {target}/")
 
 
 # ---- demo ---------------------------------------------------------------------------------------

@@ -85,6 +85,14 @@ class RegistrationSettings:
     # backwards then forwards; the better-explaining pose is kept (tracking never looks back otherwise)
     revisit_weak_frames: bool = True
     revisit_dissimilarity_ratio: float = 1.5
+    # then a frame still failed between two good frames (at most this many frames apart) is registered on the
+    # raw frame from their interpolated pose, and kept when it explains the raw frame better and stays within
+    # the tolerances below of that interpolation (a translated frame that wires or a bone at the field's edge
+    # confused can prefer a wrong pose; the raw frame and the neighbours' motion still agree on the right one)
+    bridge_failed_frames: bool = True
+    bridge_max_gap_frames: int = 4
+    bridge_in_plane_mm: float = 3.0
+    bridge_rotation_deg: float = 6.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,6 +145,19 @@ def compose_update(start: torch.Tensor, centre: torch.Tensor, w: torch.Tensor, v
     return upd @ start
 
 
+def interpolate_pose(a: np.ndarray, b: np.ndarray, t: float, centroid_bone: np.ndarray) -> np.ndarray:
+    """world_from_bone between ``a`` (t = 0) and ``b`` (t = 1): the bone's centroid moves on a straight line,
+    its orientation on the shortest arc (slerp), so the bone turns about its own centre, not the world origin."""
+    from scipy.spatial.transform import Rotation, Slerp
+
+    rot = Slerp([0.0, 1.0], Rotation.from_matrix(np.stack([a[:3, :3], b[:3, :3]])))([t]).as_matrix()[0]
+    c = np.asarray(centroid_bone, dtype=float)
+    centre = (1.0 - t) * (a[:3, :3] @ c + a[:3, 3]) + t * (b[:3, :3] @ c + b[:3, 3])
+    out = np.eye(4)
+    out[:3, :3], out[:3, 3] = rot, centre - rot @ c
+    return out
+
+
 def _rotation_deg(a: np.ndarray, b: np.ndarray) -> float:
     r = a[:3, :3] @ b[:3, :3].T
     return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1, 1))))
@@ -157,7 +178,12 @@ def prepare_translated_frame(raw_frame: np.ndarray, translated: np.ndarray,
     if fov is None:
         fov = np.asarray(field_of_view_mask(np.asarray(raw_frame, np.float32)), dtype=np.float32)
     image = -np.log(np.clip(np.asarray(translated, np.float32), 1e-3, 1.0)) * fov
-    return image.astype(np.float32), fov, {"polarity": "translated", "reason": "bundled translation"}
+    return image.astype(np.float32), fov, {"polarity": "translated", "reason": "translation networks"}
+
+
+def translating(translation) -> bool:
+    """Whether a ``translation`` value ("none", "bundled" or a model folder) asks for translated frames."""
+    return translation is not None and str(translation).strip().lower() != "none"
 
 
 def prepare_frame(frame: np.ndarray, polarity: str = "auto") -> tuple[np.ndarray, np.ndarray, dict]:
@@ -632,16 +658,14 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
     registrar = registrar or Registrar(geometry, bones, settings, device)
     names = registrar.names
     translated = None
-    if translation == "bundled":
+    if translating(translation):
         if translated_frames is not None:
             translated = np.asarray(translated_frames, dtype=np.float32)
         else:
             from .translation.inference import Translator
 
             translated = np.zeros_like(frames)
-            translated[start_frame:] = Translator.load(device=device).translate(frames[start_frame:])
-    elif translation != "none":
-        raise InputError("--translation", f"must be 'none' or 'bundled', not {translation!r}")
+            translated[start_frame:] = Translator.for_option(translation, device).translate(frames[start_frame:])
 
     per_frame_init = None
     first_init = None
@@ -766,7 +790,8 @@ def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], q
     (higher similarity on the same image) and clears the similarity floor.
 
     A frame flagged as failed whose search from a good neighbour lands where it already is (within 1 mm
-    across the beam and 2 deg) is confirmed: its "failed" flag is cleared, its pose kept.
+    across the beam and 2 deg) is confirmed: its "failed" flag is cleared, its pose kept. A frame still failed
+    after that, between two good frames, is bridged on the raw frame (:func:`_bridge_failed_frames`).
 
     Updates ``poses`` (name -> (N, 4, 4)) and ``quality`` (one dict per frame, matched by "frame") in place.
     A generator: yields ``(frame, revised)`` after each frame it tries, so a GUI can drive it in slices.
@@ -819,6 +844,48 @@ def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], q
                 if (1.0 - old_sim) <= threshold:
                     weak.discard(i)
             yield i, revised
+    if settings.bridge_failed_frames:
+        yield from _bridge_failed_frames(frames, poses, by_frame, registrar, translated_frames, polarity, is_good)
+
+
+def _bridge_failed_frames(frames, poses, by_frame, registrar: Registrar, translated_frames, polarity, is_good):
+    """Frames still failed between two good frames: registered on the raw frame from the good frames' pose
+    interpolated to this frame; kept when the raw frame's similarity rises and the pose stays within
+    ``bridge_in_plane_mm`` / ``bridge_rotation_deg`` of the interpolation (see RegistrationSettings)."""
+    settings, names = registrar.settings, registrar.names
+    n = len(frames)
+    good = [j for j in range(n) if is_good(j)]
+    for i in range(n):
+        q = by_frame.get(i)
+        if q is None or not q.get("failed", False):
+            continue
+        a = max((j for j in good if j < i), default=None)
+        b = min((j for j in good if j > i), default=None)
+        if a is None or b is None or b - a > settings.bridge_max_gap_frames:
+            continue
+        t0 = time.time()
+        raw_prepared, (image, fov, info) = prepare_frame_and_translation(
+            frames[i], None if translated_frames is None else translated_frames[i], polarity)
+        start = {nm: interpolate_pose(poses[nm][a], poses[nm][b], (i - a) / (b - a), registrar.centroids_bone[nm])
+                 for nm in names}
+        raw_image, raw_fov, raw_info = raw_prepared
+        result, _, iters, conv = registrar.register_frame(raw_image, raw_fov, start, False, True, raw_info["polarity"])
+        old_pose = {nm: poses[nm][i] for nm in names}
+        if all(np.all(np.isfinite(p)) for p in old_pose.values()):
+            old_raw, new_raw = registrar.similarities_at(raw_image, raw_fov, [old_pose, result], raw_info["polarity"])
+        else:
+            old_raw, new_raw = -np.inf, registrar.similarity_at(raw_image, raw_fov, result, raw_info["polarity"])
+        bridged = bool(new_raw > old_raw + 1e-4 and _same_place(start, result, registrar, settings.bridge_in_plane_mm,
+                                                                  settings.bridge_rotation_deg))
+        if bridged:
+            for nm in names:
+                poses[nm][i] = result[nm]
+            sim = registrar.similarity_at(image, fov, result, info["polarity"])  # on the image it was registered on
+            note = f"bridged on the raw frame between frames {a} and {b} (raw similarity {old_raw:.3f} -> {new_raw:.3f})"
+            q.update(similarity=round(float(sim), 5), iterations=int(q.get("iterations", 0)) + iters,
+                     converged=bool(conv), failed=False, note=f"{q['note']}; {note}" if q.get("note") else note,
+                     seconds=round(float(q.get("seconds", 0.0)) + time.time() - t0, 3))
+        yield i, bridged
 
 
 def _same_place(a: dict[str, np.ndarray], b: dict[str, np.ndarray], registrar: Registrar,

@@ -137,6 +137,10 @@ def test_bad_inputs(sim, tmp_path, capsys):
     w.Write()
     assert _register(sim, out, **{"--tibia": str(open_path)}) == 2
     _one_line_error(capsys, "open.vtp", "open")
+    # a translation model folder that is not there (a typo): refused before anything is written
+    assert _register(sim, out, **{"--translation": str(tmp_path / "my_model")}) == 2
+    _one_line_error(capsys, "--translation", "my_model", "not a folder")
+    assert not out.exists()
     # frame size that disagrees with the calibration
     frames = load_frames(sim / "frames").frames
     small = tmp_path / "small_frames"

@@ -255,7 +255,30 @@ def test_missing_and_corrupt_weights(tmp_path):
         inference.Translator.load(d, device="cpu")
 
 
-# ------------------------------------------------------------------------------ training + CLI
+@needs_weights
+def test_translation_option_is_none_bundled_or_a_model_folder(tmp_path):
+    """``--translation``: a user's model folder (what ``fluoro2drr train`` writes) is used as given; a wrong
+    value fails early with a message naming the option, also in the Slicer job before its first frame."""
+    from Fluoro2DRRLib.geometry import CArmGeometry
+    from Fluoro2DRRLib.mrml_adapter import SequenceRegistrationJob
+
+    assert inference.translation_model_dir("none") is None and inference.Translator.for_option("none") is None
+    assert inference.translation_model_dir(" Bundled ") == inference.find_model_dir()
+    mine = tmp_path / "my_finetuned_model"
+    shutil.copytree(MODEL_DIR, mine, ignore=shutil.ignore_patterns("*.md", "*.png"))
+    frames = np.random.default_rng(5).uniform(0, 255, (2, 48, 64)).astype(np.float32)
+    bundled = inference.Translator.for_option("bundled", "cpu").translate(frames)
+    np.testing.assert_array_equal(inference.Translator.for_option(str(mine), "cpu").translate(frames), bundled)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="--translation.*without models.json"):
+        inference.translation_model_dir(tmp_path / "empty")
+    with pytest.raises(InputError, match="--translation.*not a folder"):
+        inference.Translator.for_option(str(tmp_path / "typo"))
+    with pytest.raises(InputError, match="--translation"):
+        SequenceRegistrationJob(frames, CArmGeometry(1000.0, (0.3, 0.3), (64, 48)), {},
+                                translation=str(tmp_path / "typo"))
+
+
 def test_tiny_training_run_exports_a_loadable_model(tmp_path):
     from Fluoro2DRRLib.translation.train import train
     cfg = {"image_size": 64, "data": {"n_train": 6, "n_val": 2},
@@ -276,6 +299,62 @@ def test_tiny_training_run_exports_a_loadable_model(tmp_path):
     best = max(stage1, key=lambda h: h["val"]["stage1"]["ncc"])
     assert m["stage1_best"]["epoch"] == best["epoch"]
     assert m["final_val"]["stage1"]["ncc"] == pytest.approx(best["val"]["stage1"]["ncc"], abs=1e-5)
+
+
+@needs_weights
+def test_fine_tuning_the_bundled_model_on_paired_frames(tmp_path):
+    """``train --init-from bundled --paired-frames ...``: starts from the bundled weights, runs only the
+    fine-tuning epochs, and the exported model explains the user's frames better than the bundled one.
+    The "real" frames here are simulated fluoroscopy put through a look the simulator never makes (a cubic
+    intensity curve and a ramp across the field), so the bundled model has something to learn."""
+    from Fluoro2DRRLib.bones import bone_from_mesh_file
+    from Fluoro2DRRLib.calibration_io import load_calibration
+    from Fluoro2DRRLib.frames_io import load_frames, write_frames
+    from Fluoro2DRRLib.pose_io import read_poses_csv
+    from Fluoro2DRRLib.simulate import simulate_sequence
+    from Fluoro2DRRLib.translation.commands import add_train_parser
+    from Fluoro2DRRLib.translation.data import PairedDRRDataset
+
+    torch.set_num_threads(1)
+    sim = tmp_path / "sim"
+    simulate_sequence(sim, n_frames=4, seed=7, realism="fluoro", image_size=128, progress=False)
+    frames = load_frames(sim / "frames").frames.astype(np.float32)
+    lo, hi = np.percentile(frames, [0.5, 99.5])
+    looks = np.clip((frames - lo) / (hi - lo), 0, 1) ** 3 * (0.6 + 0.4 * np.linspace(0, 1, frames.shape[2]))
+    write_frames(tmp_path / "real", (looks * 60000).astype(np.uint16))
+    cfg = {"data": {"source": "procedural", "n_val": 2},
+           "stage1": {"steps_per_epoch": 6}, "stage2": {"steps_per_epoch": 6}, "finetune": {"epochs": 2, "lr": 2e-4}}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers())
+    args = parser.parse_args(["train", "--init-from", "bundled", "--config", str(tmp_path / "cfg.json"),
+                              "--paired-frames", str(tmp_path / "real"), "--calibration", str(sim / "calibration.json"),
+                              "--femur", str(sim / "models" / "femur.stl"), "--tibia", str(sim / "models" / "tibia.stl"),
+                              "--poses", str(sim / "truth" / "poses.csv"), "--out", str(tmp_path / "mine"),
+                              "--device", "cpu"])
+    assert args.func(args) == 0
+    info = json.loads((tmp_path / "mine" / "models.json").read_text())
+    assert set(info["models"]) == {"stage1", "stage2"}
+    assert not (tmp_path / "mine" / "cache" / "train.npz").exists()  # no simulated training set was made
+    history = json.loads((tmp_path / "mine" / "metrics.json").read_text())["history"]
+    assert [h["phase"] for h in history] == ["paired"] * 4  # 2 stage-1 + 2 stage-2 fine-tuning epochs
+
+    # independently: both models on the user's frames against DRRs rendered at their poses
+    geometry = load_calibration(sim / "calibration.json")
+    bones = [bone_from_mesh_file(sim / "models" / f"{n}.stl", n) for n in ("femur", "tibia")]
+    pairs = PairedDRRDataset(looks, geometry, bones, read_poses_csv(sim / "truth" / "poses.csv"), size=128)
+    targets = torch.from_numpy(np.stack(pairs.targets))[:, None]
+
+    def fit(model):
+        return ncc(torch.from_numpy(model.translate(looks))[:, None], targets).mean().item()
+
+    before = fit(inference.Translator.for_option("bundled", "cpu"))
+    after = fit(inference.Translator.for_option(str(tmp_path / "mine"), "cpu"))
+    assert after > before + 0.03, (before, after)
+    # starting from a model without paired frames is refused
+    args = parser.parse_args(["train", "--init-from", "bundled", "--out", str(tmp_path / "x")])
+    with pytest.raises(InputError, match="--init-from.*paired"):
+        args.func(args)
 
 
 def test_scheduled_lr():

@@ -48,6 +48,8 @@ def main():
     ap.add_argument("--offsets", default="2,5,10,15,20")
     ap.add_argument("--strength", type=float, default=1.0, help="fluoroscopy effect strength")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--translation", default="bundled",
+                    help="translation model: bundled, or a model folder from 'fluoro2drr train'")
     ap.add_argument("--out", default=str(ROOT / "bench_out" / "capture_range"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,7 +73,7 @@ def main():
     truth = pose_io.read_poses_csv(sim / "truth" / "poses.csv")
     frames = load_frames(sim / "frames").frames
     t0 = time.time()
-    translated = Translator.load(device="cpu").translate(frames)
+    translated = Translator.for_option(args.translation, "cpu").translate(frames)
     translate_s = (time.time() - t0) / len(frames)
     raw = [prepare_frame(f) for f in frames]
     prepared = {"raw": raw,
@@ -99,7 +101,8 @@ def main():
                                     "rotation_deg_median": float(np.median(rot)), "n": len(success)}
             print(offset, mode, rows[(offset, mode)], flush=True)
     lines = [f"Simulated fluoroscopy (strength {args.strength}), {'knee MRI label map' if subject else 'procedural phantom'}, "
-             f"{len(frames)} frames x {args.trials} starts per offset; translation {translate_s:.2f} s/frame.", "",
+             f"{len(frames)} frames x {args.trials} starts per offset; translation model {args.translation}, "
+             f"{translate_s:.2f} s/frame.", "",
              "| initial offset (mm, deg = mm/2) | " + " | ".join(
                  f"{m}: success % | {m}: in-plane mm (median) | {m}: rotation deg (median)" for m in MODES) + " |",
              "|---|" + "---|" * (3 * len(MODES))]

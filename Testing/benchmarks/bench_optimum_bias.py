@@ -39,6 +39,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--translation", default="bundled",
+                    help="translation model: bundled, or a model folder from 'fluoro2drr train'")
     ap.add_argument("--out", default=str(ROOT / "bench_out" / "optimum_bias"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -66,7 +68,7 @@ def main():
     bones = {n: bone_from_mesh_file(sim / "models" / f"{n}.stl", n) for n in ("femur", "tibia")}
     truth = pose_io.read_poses_csv(sim / "truth" / "poses.csv")
     frames = {r: load_frames(d / "frames").frames for r, d in sims.items()}
-    translated = Translator.load(device="cpu").translate(frames["fluoro"])
+    translated = Translator.for_option(args.translation, "cpu").translate(frames["fluoro"])
     registrars = {space: Registrar(geometry, bones, RegistrationSettings(translated_space=space))
                   for space in ("log", "target")}
     errors = {name: {"in_plane_mm": [], "out_of_plane_signed_mm": [], "rotation_deg": []} for name in INPUTS}
@@ -92,7 +94,8 @@ def main():
         print(f"frame {k}: " + "; ".join(f"{name} rot {errors[name]['rotation_deg'][-1]:.2f}" for name in INPUTS),
               flush=True)
     lines = [f"Registration started from the true poses, {args.frames} frames x 2 bones, "
-             f"{'knee MRI label map' if subject else 'procedural phantom'}, 256 px, tracking settings.", "",
+             f"{'knee MRI label map' if subject else 'procedural phantom'}, 256 px, tracking settings; "
+             f"translation model {args.translation}.", "",
              "| input | in-plane mm med / p95 | out-of-plane mm (signed) median, |median| | rotation deg med / p95 "
              "| found pose scores above the truth |", "|---|---|---|---|---|"]
     for name in INPUTS:

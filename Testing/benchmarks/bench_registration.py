@@ -109,7 +109,7 @@ def run_case(label, sim_dir, args, rows, details):
 
     shutil.rmtree(out_dir, ignore_errors=True)
     t0 = time.time()
-    translation = "bundled" if label == "translated" else "none"
+    translation = args.translation if label == "translated" else "none"
     result = run_registration(frames, geometry, bones, out_dir, None, translation, progress=True,
                               default_poses=default)
     total = time.time() - t0
@@ -119,6 +119,15 @@ def run_case(label, sim_dir, args, rows, details):
                  float(np.median(secs[1:])) if len(secs) > 1 else secs[0], secs[0]))
     details[f"engine_{label}"] = {"summary": summary, "seconds_per_frame": secs, "total_seconds": total,
                                   "quality": result.quality}
+    if args.smooth_window > 1:  # the product's optional temporal smoothing (register --smooth-window)
+        from Fluoro2DRRLib.pipeline import write_smoothed
+
+        smoothed = pose_io.read_poses_csv(write_smoothed(out_dir, result, geometry, bones, args.smooth_window)
+                                          / "poses.csv")
+        smoothed_summary = summarise(smoothed, truth, bones, geometry)
+        rows.append((f"engine, {label}, smoothed in time ({args.smooth_window} frames)", smoothed_summary,
+                     None, None))
+        details[f"engine_{label}_smoothed"] = {"summary": smoothed_summary}
 
     if args.baseline_frames <= 0 or label not in args.baseline_cases.split(","):
         return
@@ -195,6 +204,8 @@ def fmt_row(name, summary, sec, first):
         cells.append(f"{s['in_plane_mm_median']:.2f} / {s['in_plane_mm_p95']:.2f} | "
                      f"{s['out_of_plane_mm_median']:.2f} / {s['out_of_plane_mm_p95']:.2f} | "
                      f"{s['rotation_deg_median']:.2f} / {s['rotation_deg_p95']:.2f} | {s['success_rate_pct']:.0f}")
+    if sec is None:  # a post-process of the row above: no time of its own
+        return f"| {name} | - | " + " | ".join(cells) + " |"
     first_s = f" (first frame {first:.1f})" if first is not None else ""
     return f"| {name} | {sec:.2f}{first_s} | " + " | ".join(cells) + " |"
 
@@ -208,6 +219,10 @@ def main():
     ap.add_argument("--cases", default="clean,fluoro,translated")
     ap.add_argument("--baseline-cases", default="clean,fluoro,translated",
                     help="cases that also run the naive baseline (about 11 minutes a frame on 2 CPU cores)")
+    ap.add_argument("--translation", default="bundled",
+                    help="model of the 'translated' case: bundled, or a model folder from 'fluoro2drr train'")
+    ap.add_argument("--smooth-window", type=int, default=7,
+                    help="also score the engine's poses smoothed over this many frames (1: off)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--memory-only", action="store_true",
                     help="only the 1024 x 1024 peak-memory check (its registration in a process of its own)")
@@ -240,7 +255,9 @@ def main():
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.processor() or 'CPU'}"
     header = ("| run | s/frame (median) | femur in-plane mm med/p95 | out-of-plane mm | rotation deg | success % "
               "| tibia in-plane mm med/p95 | out-of-plane mm | rotation deg | success % |\n|" + "---|" * 10)
-    lines = [f"Subject: {subject_name}; 256 x 256 detector; {machine}; torch {torch.__version__}.", "", header]
+    lines = [f"Subject: {subject_name}; 256 x 256 detector; {machine}; torch {torch.__version__}"
+             + (f"; translation model {args.translation}" if "translated" in args.cases.split(",") else "") + ".", "",
+             header]
     lines += [fmt_row(*r) for r in rows]
     lines.append("")
     lines.append(f"Peak resident memory of this benchmark process: {peak_rss_gb():.2f} GB"

@@ -32,6 +32,9 @@ def add_train_parser(subparsers):
     p.add_argument("--tibia", default=None, help="tibia mesh of the paired subject")
     p.add_argument("--poses", default=None, help="poses CSV (fluoro2drr format, world_from_bone, both bones) "
                                                  "of the paired frames")
+    p.add_argument("--init-from", default=None, metavar="bundled|MODEL_DIR",
+                   help="fine-tune this trained model on the paired frames (only the fine-tuning epochs: "
+                        "minutes) instead of training from scratch on simulated pairs first")
     p.set_defaults(func=run_train)
     return p
 
@@ -70,7 +73,7 @@ def run_train(args) -> int:
 
     cfg = merge_config(args.config or _default_config())
     paired = _paired_dataset(args, cfg["image_size"]) if args.paired_frames else None
-    metrics = train(cfg, args.out, device=args.device, resume=args.resume, paired=paired)
+    metrics = train(cfg, args.out, device=args.device, resume=args.resume, paired=paired, init_from=args.init_from)
     print(json.dumps(metrics.get("final_val", {}), indent=2))
     print(f"model written to {Path(args.out).resolve()} (stage1.pt, stage2.pt, models.json)")
     return 0

@@ -35,6 +35,23 @@ def find_model_dir() -> Path:
                      "; train one with 'fluoro2drr train' or pass model_dir")
 
 
+def translation_model_dir(translation) -> Path | None:
+    """The model folder that a ``--translation`` value names: ``None`` for "none", the bundled folder for
+    "bundled", else the value itself, a folder holding ``models.json`` (what ``fluoro2drr train`` writes, e.g.
+    after fine-tuning on your own paired frames). Checked here, before any frame is registered."""
+    value = str(translation if translation is not None else "none").strip()
+    if value.lower() == "none":
+        return None
+    if value.lower() == "bundled":
+        return find_model_dir()
+    folder = Path(value).expanduser()
+    if not (folder / "models.json").is_file():
+        raise InputError("--translation", f"must be 'none', 'bundled' or a model folder holding models.json "
+                                          f"(written by 'fluoro2drr train'); {value!r} is "
+                                          f"{'a folder without models.json' if folder.is_dir() else 'not a folder'}")
+    return folder
+
+
 def _sha256(path: Path) -> str:
     import hashlib
     h = hashlib.sha256()
@@ -89,6 +106,12 @@ class Translator:
         self.percentiles = tuple(percentiles)
         self.device = torch.device(device)
         self.info = info or {}
+
+    @classmethod
+    def for_option(cls, translation, device="auto") -> "Translator | None":
+        """The translator a ``--translation`` value asks for ("none" -> None, "bundled", or a model folder)."""
+        model_dir = translation_model_dir(translation)
+        return None if model_dir is None else cls.load(model_dir, device=device)
 
     @classmethod
     def load(cls, model_dir=None, device="auto", stage="both") -> "Translator":

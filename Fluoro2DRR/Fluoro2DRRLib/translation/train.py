@@ -69,6 +69,28 @@ def merge_config(config) -> dict:
     return merged
 
 
+def adopt_trained_model(cfg: dict, model_dir: Path, info: dict) -> dict:
+    """The config of a fine-tuning run that starts from a trained model (``models.json`` ``info`` of
+    ``model_dir``): that model's architectures, image size and normalisation; no simulated epochs (the
+    model had them), only the ``finetune`` phase on the paired frames."""
+    out = copy.deepcopy(cfg)
+    models = info.get("models") or {}
+    if "stage1" not in models:
+        raise InputError(model_dir / "models.json", "lists no stage1 model to fine-tune")
+    out["image_size"] = int(info.get("image_size", out["image_size"]))
+    out["normalize_percentiles"] = list(info.get("normalize_percentiles", out["normalize_percentiles"]))
+    out["stage1"].update({k: v for k, v in models["stage1"]["arch"]["kwargs"].items()
+                          if k in ("base", "depth", "max_ch")})
+    out["stage1"]["epochs"] = 0
+    if "stage2" in models:
+        out["stage2"]["name"] = models["stage2"]["arch"]["class"]
+        out["stage2"]["kwargs"] = dict(models["stage2"]["arch"]["kwargs"])
+    out["stage2"]["epochs"] = 0
+    out["init_from"] = {"model_dir": str(model_dir), "config_hash": info.get("config_hash"),
+                        "stage2": "stage2" in models}
+    return out
+
+
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -209,15 +231,27 @@ def _save_grid(path, rows):
 
 
 # ------------------------------------------------------------------------------------ train
-def train(config, out_dir, device="auto", resume=False, paired=None, progress=True) -> dict:
+def train(config, out_dir, device="auto", resume=False, paired=None, progress=True, init_from=None) -> dict:
     """Train stage 1 (GAN) then stage 2 (on stage-1 outputs); export the model into ``out_dir``.
 
     ``paired``: optional torch Dataset of real (frame, target[, mask]) pairs for fine-tuning.
+    ``init_from``: "bundled" or a model folder: start from that trained model and run only the fine-tuning
+    phase on ``paired`` (minutes instead of the simulated training's hours).
     Returns the metrics dict (also in ``out_dir/metrics.json``).
     """
     from tqdm import tqdm
 
+    from .inference import _load_weights, translation_model_dir
+
     cfg = merge_config(config)
+    start_model = translation_model_dir(init_from) if init_from is not None else None
+    start_info = None
+    if start_model is not None:
+        if paired is None:
+            raise InputError("--init-from", "starting from a trained model is for fine-tuning: it needs real "
+                                            "paired frames (--paired-frames, --calibration, --femur, --tibia, --poses)")
+        start_info = read_json_object(start_model / "models.json", missing="models.json is missing")
+        cfg = adopt_trained_model(cfg, start_model, start_info)
     out = Path(out_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     (out / "cache").mkdir(parents=True, exist_ok=True)
@@ -235,7 +269,8 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
     if dcfg["source"] != "procedural":
         source = default_source(dcfg["source"], **dcfg.get("drr", {}))
     tr_cache, va_cache = out / "cache" / "train.npz", out / "cache" / "val.npz"
-    if not tr_cache.exists():
+    simulated_epochs = cfg["stage1"]["epochs"] > 0 or cfg["stage2"]["epochs"] > 0
+    if simulated_epochs and not tr_cache.exists():
         build_cache(tr_cache, dcfg["n_train"], size, dcfg["seed"], source, progress=progress)
     if not va_cache.exists():
         build_cache(va_cache, dcfg["n_val"], size, dcfg["val_seed"], source, progress=progress)
@@ -244,6 +279,10 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
     vt = torch.stack([val[i][1] for i in range(len(val))]).to(dev)
 
     g, d, s2 = build_models(cfg)
+    if start_model is not None:  # the trained model's weights (checksums verified); a fresh discriminator
+        g.load_state_dict(_load_weights(start_model, start_info, "stage1")[0].state_dict())
+        if cfg["init_from"]["stage2"]:
+            s2.load_state_dict(_load_weights(start_model, start_info, "stage2")[0].state_dict())
     g, d, s2 = g.to(dev), d.to(dev), s2.to(dev)
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if resume and metrics_path.exists() else \
@@ -267,6 +306,15 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
                 outs.append(s2(x[i:i + 8]).clamp(0, 1))
         return torch.cat(outs)
 
+    # the user's paired frames (at most 32), scored as well: how well the model fits the real frames
+    paired_ds, paired_eval = None, None
+    if paired is not None:
+        if len(paired) == 0:
+            raise InputError("--paired-frames", "no paired frame has a finite pose for both bones")
+        paired_ds = _PairedWrapper(paired, size, pct)
+        pick = range(min(len(paired_ds), 32))
+        paired_eval = tuple(torch.stack([paired_ds[i][k] for i in pick]).to(dev) for k in (0, 1))
+
     def validate(stage, epoch, with_s2):
         o1 = run_stage1(vf)
         res = {"stage1": image_metrics(o1, vt)}
@@ -274,6 +322,11 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
         if with_s2:
             o2 = run_stage2(o1)
             res["stage2"] = image_metrics(o2, vt)
+        if paired_eval is not None:
+            p1 = run_stage1(paired_eval[0])
+            res["paired_stage1"] = image_metrics(p1, paired_eval[1])
+            if with_s2:
+                res["paired_stage2"] = image_metrics(run_stage2(p1), paired_eval[1])
         rows = []
         for i in range(min(4, len(vf))):
             r = [vf[i, 0].cpu().numpy(), o1[i, 0].cpu().numpy()]
@@ -284,8 +337,11 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
         _save_grid(out / name, rows)
         return res
 
-    def make_loader(ds, batch):
-        return DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=0)
+    if paired_eval is not None and "paired_start" not in metrics:  # the starting model on the real frames
+        metrics["paired_start"] = image_metrics(run_stage1(paired_eval[0]), paired_eval[1])
+
+    def make_loader(ds, batch):  # fewer frames than a batch (a short paired set): one smaller batch
+        return DataLoader(ds, batch_size=max(1, min(batch, len(ds))), shuffle=True, drop_last=True, num_workers=0)
 
     def budget_over(stage, t0):
         b = (cfg.get("time_budget_min") or {}).get(stage)
@@ -304,11 +360,10 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
         opt_g.load_state_dict(st["opt_g"]), opt_d.load_state_dict(st["opt_d"])
         start = st["epoch"] + 1
     train_ds = SimulatedPairDataset(tr_cache, augment=True, crop=s1["crop"], seed=cfg["seed"],
-                                    normalize=tuple(pct))
-    phases = [("sim", train_ds, s1["epochs"], s1["lr"])]
+                                    normalize=tuple(pct)) if simulated_epochs else None
+    phases = [("sim", train_ds, s1["epochs"], s1["lr"])] if s1["epochs"] > 0 else []
     if paired is not None:
-        phases.append(("paired", _PairedWrapper(paired, size, pct), cfg["finetune"]["epochs"],
-                       cfg["finetune"]["lr"]))
+        phases.append(("paired", paired_ds, cfg["finetune"]["epochs"], cfg["finetune"]["lr"]))
     # GAN training oscillates from epoch to epoch: keep the generator of the best validation epoch
     # (NCC to the clean target on the validation pairs, which training never sees)
     ck1_best = out / "checkpoints" / "stage1_best.pt"
@@ -364,7 +419,9 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
                                        "val": res, "minutes": (time.time() - t_start) / 60})
             torch.save({"g": g.state_dict(), "d": d.state_dict(), "opt_g": opt_g.state_dict(),
                         "opt_d": opt_d.state_dict(), "epoch": epoch}, ck1)
-            if best is None or res["stage1"]["ncc"] > best["val"]["ncc"]:
+            # a fine-tuning epoch is always kept: the simulated validation pairs cannot judge real frames
+            # (they would prefer the model before it saw them)
+            if phase == "paired" or best is None or res["stage1"]["ncc"] > best["val"]["ncc"]:
                 best = {"epoch": epoch, "phase": phase, "val": res["stage1"]}
                 torch.save({"g": g.state_dict(), "epoch": epoch}, ck1_best)
                 metrics["stage1_best"] = best
@@ -379,23 +436,24 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
     # ---------------- stage 2 (inputs: stage-1 outputs of the full frames, then cropped)
     s2c = cfg["stage2"]
     n_ep2 = s2c["epochs"]
-    stage2_trained = n_ep2 > 0
+    stage2_trained = n_ep2 > 0 or bool((cfg.get("init_from") or {}).get("stage2"))
     if stage2_trained:
         t0 = time.time()
-        n_in = min(len(train_ds), int(s2c.get("n_train_inputs") or len(train_ds)))
-        frames = torch.stack([train_ds.frames_tensor(i) for i in range(n_in)])
-        s1_out = run_stage1(frames.to(dev)).cpu().numpy()[:, 0]
-        s2_ds = SimulatedPairDataset(tr_cache, augment=True, crop=s2c["crop"], seed=cfg["seed"] + 1,
-                                     normalize=None)
-        s2_ds.frames, s2_ds._scale = np.round(s1_out * 65535).astype(np.uint16), (65535.0, 65535.0)
-        s2_ds.targets, s2_ds.masks = s2_ds.targets[:n_in], s2_ds.masks[:n_in]
+        s2_ds = None
+        if n_ep2 > 0:
+            n_in = min(len(train_ds), int(s2c.get("n_train_inputs") or len(train_ds)))
+            frames = torch.stack([train_ds.frames_tensor(i) for i in range(n_in)])
+            s1_out = run_stage1(frames.to(dev)).cpu().numpy()[:, 0]
+            s2_ds = SimulatedPairDataset(tr_cache, augment=True, crop=s2c["crop"], seed=cfg["seed"] + 1,
+                                         normalize=None)
+            s2_ds.frames, s2_ds._scale = np.round(s1_out * 65535).astype(np.uint16), (65535.0, 65535.0)
+            s2_ds.targets, s2_ds.masks = s2_ds.targets[:n_in], s2_ds.masks[:n_in]
         paired_s2 = None
-        if paired is not None:
-            pw = _PairedWrapper(paired, size, pct)
-            pf = torch.stack([pw[i][0] for i in range(len(pw))]).to(dev)
+        if paired_ds is not None:
+            items = [paired_ds[i] for i in range(len(paired_ds))]
             paired_s2 = torch.utils.data.TensorDataset(
-                run_stage1(pf).cpu(), torch.stack([pw[i][1] for i in range(len(pw))]),
-                torch.stack([pw[i][2] for i in range(len(pw))]))
+                run_stage1(torch.stack([it[0] for it in items]).to(dev)).cpu(),
+                torch.stack([it[1] for it in items]), torch.stack([it[2] for it in items]))
         gl2 = GeneratorLoss({**s2c["weights"], "adv": 0.0}, cfg.get("lpips_weights")).to(dev)
         opt2 = torch.optim.Adam(s2.parameters(), lr=s2c["lr"], betas=tuple(s2c["betas"]))
         ck2 = out / "checkpoints" / "stage2.ckpt"
@@ -404,7 +462,7 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
             st = torch.load(ck2, map_location=dev, weights_only=False)
             s2.load_state_dict(st["s2"]), opt2.load_state_dict(st["opt"])
             start = st["epoch"] + 1
-        phases = [("sim", s2_ds, n_ep2, s2c["lr"])]
+        phases = [("sim", s2_ds, n_ep2, s2c["lr"])] if n_ep2 > 0 else []
         if paired_s2 is not None:
             phases.append(("paired", paired_s2, cfg["finetune"]["epochs"], cfg["finetune"]["lr"]))
         epoch = 0
@@ -448,6 +506,8 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
 
     final = validate(None, 0, stage2_trained)
     metrics["final_val"] = {"raw": metrics["raw_val"], **final}
+    if paired_eval is not None:
+        metrics["final_val"]["paired_raw"] = image_metrics(paired_eval[0], paired_eval[1])
     metrics["minutes_total"] = (time.time() - t_start) / 60
     compute = {"device": str(dev), "torch_threads": torch.get_num_threads(),
                "minutes_total": round(metrics["minutes_total"], 1)}
