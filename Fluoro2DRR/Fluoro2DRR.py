@@ -69,7 +69,11 @@ class Fluoro2DRRParameterNode:
     # "none" by default (DRR-like or already clean frames); choose "bundled" for raw fluoroscopy: on simulated
     # fluoroscopy it is what lets the automatic start work (README benchmarks, Resources/Models/MODEL_CARD.md),
     # but it was trained on simulated frames only
-    translation: Annotated[str, Choice(["none", "bundled"])] = "none"
+    # "model folder": a model written by `fluoro2drr train` (e.g. fine-tuned on your own paired frames)
+    translation: Annotated[str, Choice(["none", "bundled", "model folder"])] = "none"
+    translationModelDirectory: Path
+    # > 1: also store the poses smoothed in time over this many frames ("Smoothed femur/tibia poses")
+    smoothWindowFrames: Annotated[int, WithinRange(1, 31)] = 1
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     femurTransformSequence: slicer.vtkMRMLSequenceNode
     tibiaTransformSequence: slicer.vtkMRMLSequenceNode
@@ -200,8 +204,11 @@ class Fluoro2DRRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureDependencies(askConfirmation=True):
                 return
             calibration = p.calibrationNode if p.calibrationNode else str(p.calibrationFile)
+            if p.smoothWindowFrames % 2 == 0:  # refused now, not after the whole registration
+                raise ValueError(f"Smooth over frames must be odd (1 = off), not {p.smoothWindowFrames}.")
             self._job, self._jobContext = self.logic.prepareJob(
-                p.framesSequence, calibration, p.femurNode, p.tibiaNode, translation=p.translation,
+                p.framesSequence, calibration, p.femurNode, p.tibiaNode,
+                translation=str(p.translationModelDirectory) if p.translation == "model folder" else p.translation,
                 device=p.device, ctNode=p.ctVolume)
         if self._job is None:
             return
@@ -244,7 +251,8 @@ class Fluoro2DRRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is None or job.next_frame == 0:
             self._checkCanRun()
             return
-        femurSeq, tibiaSeq, quality = self.logic.finishJob(job, context)
+        femurSeq, tibiaSeq, quality = self.logic.finishJob(job, context,
+                                                           smoothWindowFrames=self._parameterNode.smoothWindowFrames)
         p = self._parameterNode
         p.femurTransformSequence, p.tibiaTransformSequence, p.qualityTable = femurSeq, tibiaSeq, quality
         failed = len(job.failed_frames())
@@ -460,24 +468,34 @@ class Fluoro2DRRLogic(ScriptedLoadableModuleLogic):
                   if node.IsA("vtkMRMLModelNode")}
         return job, {"browser": browser, "models": models, "geometry": geometry}
 
-    def finishJob(self, job, context):
-        """Store a (finished or cancelled) job -> (femur sequence, tibia sequence, quality table)."""
+    def finishJob(self, job, context, smoothWindowFrames: int = 1):
+        """Store a (finished or cancelled) job -> (femur sequence, tibia sequence, quality table).
+
+        ``smoothWindowFrames`` > 1 (odd): also store the poses smoothed in time as "Smoothed femur/tibia poses"
+        sequences in the same browser (the measured sequences and the models' parenting are unchanged)."""
         from Fluoro2DRRLib import mrml_adapter as ma  # noqa: PLC0415
 
         out = ma.store_registration_result(slicer.mrmlScene, job.poses, job.quality, context["browser"],
                                            models=context["models"], failed_frames=job.failed_frames())
+        if smoothWindowFrames > 1:
+            ma.store_smoothed_poses(slicer.mrmlScene, job.poses, job.bones, context["browser"], smoothWindowFrames,
+                                    failed_frames=job.failed_frames())
         seqs = out["sequences"]
         return seqs["femur"][0], seqs["tibia"][0], out["quality"]
 
     def run(self, framesSequence, calibration, femurNode, tibiaNode, translation="none", device="auto",
-            progress=None, ctNode=None, settings=None, initPoses=None):
+            progress=None, ctNode=None, settings=None, initPoses=None, smoothWindowFrames=1):
         """Blocking registration of every frame -> (femur transform sequence, tibia transform sequence,
         quality table). ``progress(done, total)`` is called after each frame. Same job as the GUI's
-        timer-driven run (one frame per step); failed frames are marked in the sequences and the table."""
+        timer-driven run (one frame per step); failed frames are marked in the sequences and the table.
+        ``translation``: "none", "bundled" or a model folder; ``smoothWindowFrames`` > 1: also store smoothed
+        sequences (see :meth:`finishJob`)."""
+        if int(smoothWindowFrames) < 1 or int(smoothWindowFrames) % 2 == 0:
+            raise ValueError(f"smoothWindowFrames must be odd and >= 1 (1 = off), not {smoothWindowFrames}")
         job, context = self.prepareJob(framesSequence, calibration, femurNode, tibiaNode, translation, device,
                                        ctNode=ctNode, settings=settings, initPoses=initPoses)
         job.run(progress=progress)
-        return self.finishJob(job, context)
+        return self.finishJob(job, context, smoothWindowFrames)
 
     # ---- review ------------------------------------------------------------------------------
     def viewFromSource(self, geometry, viewIndex: int = 0) -> None:
@@ -644,8 +662,12 @@ class Fluoro2DRRTest(ScriptedLoadableModuleTest):
         done = []
         femurSeq, tibiaSeq, quality = logic.run(
             seq, calib, femur, tibia, translation="none", device="auto", progress=lambda d, n: done.append(d),
-            settings=selfTestRegistrationSettings(), initPoses={b: truth[b][:1] for b in ("femur", "tibia")})
+            settings=selfTestRegistrationSettings(), initPoses={b: truth[b][:1] for b in ("femur", "tibia")},
+            smoothWindowFrames=3)
         self.assertEqual(femurSeq.GetNumberOfDataNodes(), nFrames)
+        smoothed = slicer.util.getNode("Smoothed femur poses")
+        self.assertTrue(browser.IsSynchronizedSequenceNode(smoothed, True))
+        self.assertEqual(smoothed.GetNumberOfDataNodes(), nFrames)
         self.assertEqual(tibiaSeq.GetNumberOfDataNodes(), nFrames)
         self.assertEqual(quality.GetNumberOfRows(), nFrames)
         self.assertEqual(done[-1], nFrames)

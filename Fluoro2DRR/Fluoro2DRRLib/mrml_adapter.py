@@ -1071,6 +1071,17 @@ def store_registration_result(scene, poses: dict, quality: list, browser_node, m
     return {"sequences": seqs, "quality": table, "failed": failed_all}
 
 
+def store_smoothed_poses(scene, poses: dict, bones: dict, browser_node, window_frames: int, failed_frames=(),
+                         name_prefix: str = "Smoothed ") -> dict:
+    """The registration's poses smoothed in time (``smoothing.smooth_poses``; failed frames weigh 0 and get
+    their neighbours' fit) -> transform sequences ``"Smoothed femur poses"`` etc. in ``browser_node``."""
+    from .smoothing import smooth_poses  # noqa: PLC0415
+
+    smoothed = smooth_poses(poses, {name: bones[name].centroid_mm for name in poses}, window_frames,
+                            failed_frames=failed_frames)
+    return poses_to_transform_sequences(scene, smoothed, browser_node, name_prefix=name_prefix)
+
+
 def anatomical_frames_for_models(femur_source, tibia_source, side: str = "right") -> dict:
     """bone_from_anatomical per bone, from landmark markups nodes, model nodes or point arrays."""
     from .kinematics import anatomical_frame_from_landmarks, anatomical_frame_from_points  # noqa: PLC0415

@@ -192,14 +192,12 @@ def run_registration(frames, geometry, bones: dict, out_dir, init_poses=None, tr
 def write_smoothed(out_dir, result, geometry, bones: dict, window_frames: int, order: int = 2) -> Path:
     """OUT/smoothed/: the registered poses smoothed in time (:func:`smoothing.smooth_pose_sequence`; failed
     frames weigh 0 and get their neighbours' fit), in the same files as OUT. OUT itself is left as measured."""
-    from .smoothing import smooth_pose_sequence
+    from .smoothing import smooth_poses
 
     failed = {int(q["frame"]) for q in result.quality if q.get("failed", False)}
     names = list(result.poses)
     n = len(result.poses[names[0]])
-    weights = np.array([0.0 if k in failed else 1.0 for k in range(n)])
-    smoothed = {k: smooth_pose_sequence(result.poses[k], bones[k].centroid_mm, window_frames, order, weights)
-                for k in names}
+    smoothed = smooth_poses(result.poses, {k: bones[k].centroid_mm for k in names}, window_frames, order, failed)
     target = Path(out_dir) / "smoothed"
     writer = ResultWriter(target, geometry, {k: bones[k] for k in names}, n,
                           {"smoothing": {"window_frames": int(window_frames), "order": int(order),

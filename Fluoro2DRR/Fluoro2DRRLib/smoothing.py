@@ -63,3 +63,16 @@ def smooth_pose_sequence(world_from_bone: np.ndarray, centroid_bone, window_fram
         out[k, :3, 3] = coef[:3] - rot @ c
         out[k, 3] = (0.0, 0.0, 0.0, 1.0)
     return out
+
+
+def smooth_poses(poses: dict, centroids_bone: dict, window_frames: int, order: int = 2,
+                 failed_frames=()) -> dict:
+    """Every bone of a registration (name -> (N, 4, 4)) smoothed; ``failed_frames`` weigh 0 (and get their
+    neighbours' fit). The one place the CLI (``register --smooth-window``) and the Slicer module smooth."""
+    failed = {int(i) for i in failed_frames}
+    out = {}
+    for name, bone_poses in poses.items():
+        n = len(bone_poses)
+        weights = np.array([0.0 if k in failed else 1.0 for k in range(n)])
+        out[name] = smooth_pose_sequence(bone_poses, centroids_bone[name], window_frames, order, weights)
+    return out

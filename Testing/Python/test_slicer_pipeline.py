@@ -3,7 +3,6 @@
 Simulated frames -> volume sequence + browser -> SequenceRegistrationJob (one Registrar, one frame per
 step) -> transform sequences / quality table -> kinematics -> .mrb round trip -> pose files.
 """
-import time
 
 import numpy as np
 import pytest
@@ -61,7 +60,6 @@ def test_job_on_the_engine_into_mrml_and_back(simulated, tmp_path, monkeypatch):
     from Fluoro2DRRLib.evaluate import pose_errors
 
     torch.set_num_threads(1)
-    t0 = time.time()
     geometry, bones, truth = simulated["geometry"], simulated["bones"], simulated["truth"]
     scene = ma.new_scene()
     seq, browser, _ = ma.frames_to_volume_sequence(scene, simulated["frames"], geometry, "Fluoroscopy")
@@ -157,7 +155,36 @@ def test_job_on_the_engine_into_mrml_and_back(simulated, tmp_path, monkeypatch):
         np.testing.assert_allclose(jts, job.poses[b], atol=1e-3)
         tra = pose_io.world_pose_from_file_pose(pose_io.read_tra(tmp_path / "poses" / f"{b}.tra"), None)
         np.testing.assert_allclose(tra, job.poses[b], atol=1e-3)
-    assert time.time() - t0 < 60
+
+
+def test_smoothed_poses_are_stored_beside_the_measured_ones(simulated):
+    """The module's "Smooth over frames": extra "Smoothed ..." transform sequences in the frames' browser; a
+    failed frame gets its neighbours' fit instead of its own (wrong) pose."""
+    from Fluoro2DRRLib.smoothing import smooth_poses
+
+    geometry, bones, truth = simulated["geometry"], simulated["bones"], simulated["truth"]
+    scene = ma.new_scene()
+    _, browser, _ = ma.frames_to_volume_sequence(scene, simulated["frames"], geometry, "Fluoroscopy")
+    measured = {b: truth[b].copy() for b in BONES}
+    for b in BONES:
+        measured[b][1, :3, 3] += [20.0, 0.0, 0.0]  # frame 1 lost, 20 mm off
+    quality = [{"frame": k, "similarity": 0.9, "failed": k == 1} for k in range(N_FRAMES)]
+    ma.store_registration_result(scene, measured, quality, browser)
+    smoothed = ma.store_smoothed_poses(scene, measured, bones, browser, 3, failed_frames={1})
+    assert browser.GetNumberOfSynchronizedSequenceNodes() == 4  # measured + smoothed, both bones
+    expected = smooth_poses(measured, {b: bones[b].centroid_mm for b in BONES}, 3, failed_frames={1})
+    for b, (tseq, tproxy) in smoothed.items():
+        assert tseq.GetName() == f"Smoothed {b} poses" and tproxy.GetName() == f"Smoothed {b}"
+        assert browser.IsSynchronizedSequenceNode(tseq, True)
+        got = ma.transform_sequence_to_poses(tseq)
+        np.testing.assert_allclose(got, expected[b], atol=1e-5)
+        np.testing.assert_allclose(got[[0, 2]], measured[b][[0, 2]], atol=1e-5)  # good frames at the ends kept
+        # the lost frame gets its neighbours' fit (with two neighbours, a line: the centroid half-way), not its
+        # own pose 20 mm off
+        c = bones[b].centroid_mm
+        centre = [p[:3, :3] @ c + p[:3, 3] for p in (got[1], measured[b][0], measured[b][2], measured[b][1])]
+        np.testing.assert_allclose(centre[0], 0.5 * (centre[1] + centre[2]), atol=1e-4)
+        assert np.linalg.norm(centre[0] - centre[3]) > 10.0
 
 
 def test_job_cancel_keeps_finished_frames(simulated):
