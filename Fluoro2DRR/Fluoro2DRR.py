@@ -206,6 +206,8 @@ class Fluoro2DRRWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             calibration = p.calibrationNode if p.calibrationNode else str(p.calibrationFile)
             if p.smoothWindowFrames % 2 == 0:  # refused now, not after the whole registration
                 raise ValueError(f"Smooth over frames must be odd (1 = off), not {p.smoothWindowFrames}.")
+            if p.translation == "model folder" and str(p.translationModelDirectory) in ("", "."):
+                raise ValueError("Choose the translation model folder (written by 'fluoro2drr train').")
             self._job, self._jobContext = self.logic.prepareJob(
                 p.framesSequence, calibration, p.femurNode, p.tibiaNode,
                 translation=str(p.translationModelDirectory) if p.translation == "model folder" else p.translation,
