@@ -8,8 +8,9 @@ a rotation vector relative to the frame's own rotation (small angles: the fit is
 turns about its own centre, so smoothing a rotation does not swing the bone about the world origin.
 
 Frames with weight 0 (failed frames) do not pull on their neighbours; they receive the fit of their
-neighbours (their own pose is ignored). A window with fewer usable frames than the polynomial needs falls
-back to a lower order; a frame with no usable neighbour keeps its pose.
+neighbours (their own pose is ignored). The order drops where a window has too few usable frames to smooth
+with it (3 frames: a line; 2: the line through them, so a sequence's end frame is left as it is); a frame with
+no usable neighbour keeps its pose.
 
 A quadratic motion is reproduced exactly (up to the small-angle linearisation of the rotation). Measured on
 the translated 20-frame benchmark (``Testing/benchmarks/bench_registration.py``): see the README.
@@ -54,7 +55,9 @@ def smooth_pose_sequence(world_from_bone: np.ndarray, centroid_bone, window_fram
         ref = rotations[k] if usable[k] else rotations[int(idx[np.argmin(np.abs(idx - k))])]
         rotvecs = np.stack([(ref.inv() * rotations[j]).as_rotvec() for j in idx])
         t = (idx - k).astype(float)
-        deg = min(int(order), idx.size - 1)
+        deg = min(int(order), idx.size - 1)  # a polynomial the points determine ...
+        if idx.size >= 3:  # ... leaving at least one degree of freedom to smooth with (3 frames: a line, not
+            deg = min(deg, idx.size - 2)  # a parabola through them, which would change nothing)
         design = np.vander(t, deg + 1, increasing=True) * np.sqrt(w[idx])[:, None]
         rhs = np.concatenate([centres[idx], rotvecs], axis=1) * np.sqrt(w[idx])[:, None]
         coef = np.linalg.lstsq(design, rhs, rcond=None)[0][0]  # the polynomial at t = 0

@@ -49,6 +49,11 @@ def test_smooth_motion_is_kept():
     # rotations are fitted as rotation vectors relative to each frame: exact up to the small-angle linearisation
     assert rotation_angle_deg(smoothed, truth).max() < 0.05
     np.testing.assert_array_equal(smooth_pose_sequence(truth, CENTROID, window_frames=1), truth)
+    # 3 frames cannot hold a parabola that still smooths: a line, which does smooth noise
+    measured = noisy(truth, np.random.default_rng(2))
+    three = smooth_pose_sequence(measured, CENTROID, window_frames=3, order=2)
+    assert not np.allclose(three[1:-1], measured[1:-1])
+    np.testing.assert_allclose(three[[0, -1]], measured[[0, -1]], atol=1e-9)  # the ends: the line through 2
 
 
 def test_frame_to_frame_noise_is_reduced():
@@ -68,7 +73,7 @@ def test_a_failed_frame_neither_pulls_nor_stays():
     measured[9] = np.nan  # a frame without a pose
     weights = np.ones(len(truth))
     weights[[7, 9]] = 0.0
-    smoothed = smooth_pose_sequence(measured, CENTROID, window_frames=5, order=2, weights=weights)
+    smoothed = smooth_pose_sequence(measured, CENTROID, window_frames=7, order=2, weights=weights)
     err = centre_errors(smoothed, truth)
     assert err.max() < 1e-6, err  # the lost frame gets its neighbours' fit; its neighbours are not pulled
     unweighted = smooth_pose_sequence(measured[:9], CENTROID, window_frames=5, order=2)
