@@ -94,7 +94,7 @@ class ResultWriter:
         _atomic_write(self.out / "report.json", lambda p: p.write_text(json.dumps(self.report, indent=2)))
 
 
-def _read_previous(out_dir: Path, fingerprint: str, names) -> tuple[dict | None, list, int]:
+def _read_previous(out_dir: Path, fingerprint: str, names) -> tuple[dict | None, list, int, str | None]:
     from . import pose_io
 
     report_path = out_dir / "report.json"
@@ -106,9 +106,9 @@ def _read_previous(out_dir: Path, fingerprint: str, names) -> tuple[dict | None,
     quality = report.get("frames", [])
     done = len(quality)
     if done == 0:
-        return None, [], 0
+        return None, [], 0, report.get("status")
     previous = pose_io.read_poses_csv(out_dir / "poses.csv")
-    return {k: previous[k][:done] for k in names}, quality, done
+    return {k: previous[k][:done] for k in names}, quality, done, report.get("status")
 
 
 def run_registration(frames, geometry, bones: dict, out_dir, init_poses=None, translation="none",
@@ -130,9 +130,9 @@ def run_registration(frames, geometry, bones: dict, out_dir, init_poses=None, tr
         from .translation.inference import Translator
 
         translator = Translator.for_option(translation, device)
-    previous, quality, start = None, [], 0
+    previous, quality, start, previous_status = None, [], 0, None
     if resume and out.exists():
-        previous, quality, start = _read_previous(out, fingerprint, names)
+        previous, quality, start, previous_status = _read_previous(out, fingerprint, names)
     elif out.exists() and (out / "report.json").exists() and not resume:
         raise InputError(out, "already holds a registration: use --resume to continue it, or another --out")
     report_base = {"fingerprint": fingerprint, "inputs": inputs_description or {}, "translation": translation,
@@ -157,8 +157,11 @@ def run_registration(frames, geometry, bones: dict, out_dir, init_poses=None, tr
         bar.update(1)
 
     status = "complete"
+    # a registration resumed after it completed (e.g. only to smooth it) already had its second pass: nothing
+    # to render, so no renderers are built
+    revisit = settings.revisit_weak_frames and n > 1 and not (start == n and previous_status == "complete")
     try:
-        registrar = Registrar(geometry, bones, settings, device)
+        registrar = Registrar(geometry, bones, settings, device) if start < n or revisit else None
         translated = None
         if translator is not None and start < n:
             translated = np.zeros(np.shape(frames), np.float32)
@@ -168,7 +171,7 @@ def run_registration(frames, geometry, bones: dict, out_dir, init_poses=None, tr
                               settings=settings, polarity=polarity, start_frame=start, previous=previous,
                               on_frame=on_frame, default_poses=default_poses, registrar=registrar,
                               translated_frames=translated)
-        if settings.revisit_weak_frames and len(all_quality) == n and n > 1:
+        if revisit and len(all_quality) == n:
             weak = weak_frames(all_quality, settings.revisit_dissimilarity_ratio, settings.lost_dissimilarity_margin)[0]
             if weak and translator is not None and translated is None:  # resumed after every frame was done
                 translated = translator.translate(frames)

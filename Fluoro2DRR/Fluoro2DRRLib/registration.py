@@ -806,7 +806,7 @@ def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], q
     def is_good(j):
         q = by_frame.get(j)
         return q is not None and not q.get("failed", False) and j not in weak \
-            and all(np.all(np.isfinite(poses[nm][j])) for nm in names)
+            and _finite({nm: poses[nm][j] for nm in names})
 
     for order, neighbour_step in ((range(n - 1, -1, -1), 1), (range(n), -1)):
         for i in order:
@@ -817,8 +817,7 @@ def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], q
             raw_prepared, (image, fov, info) = prepare_frame_and_translation(
                 frames[i], None if translated_frames is None else translated_frames[i], polarity)
             old_pose = {nm: poses[nm][i] for nm in names}
-            old_sim = registrar.similarity_at(image, fov, old_pose, info["polarity"]) \
-                if all(np.all(np.isfinite(p)) for p in old_pose.values()) else -np.inf
+            old_sim = registrar.similarity_at(image, fov, old_pose, info["polarity"]) if _finite(old_pose) else -np.inf
             start = {nm: poses[nm][j] for nm in names}
             result, sim, iters, conv = registrar.register_frame(image, fov, start, False, True, info["polarity"])
             revised = bool(sim > old_sim + 1e-4 and sim >= settings.min_similarity)
@@ -827,25 +826,35 @@ def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], q
                     result = polish_on_raw_frame(registrar, raw_prepared, result, (image, fov, info))
                 for nm in names:
                     poses[nm][i] = result[nm]
-                q = by_frame[i]
-                note = f"revisited from frame {j} (similarity {old_sim:.3f} -> {sim:.3f})"
-                q.update(similarity=round(float(sim), 5), iterations=int(q.get("iterations", 0)) + iters,
-                         converged=bool(conv), failed=False, note=f"{q['note']}; {note}" if q.get("note") else note,
-                         seconds=round(float(q.get("seconds", 0.0)) + time.time() - t0, 3))
+                _record_new_pose(by_frame[i], f"revisited from frame {j} (similarity {old_sim:.3f} -> {sim:.3f})",
+                                 sim, iters, conv, t0)
                 if (1.0 - sim) <= threshold:
                     weak.discard(i)  # good now: it can seed its own neighbours
             elif by_frame[i].get("failed", False) and sim >= settings.min_similarity and \
                     _same_place(old_pose, result, registrar):
                 # flagged as lost, but a search from a good neighbour lands where the frame already is: the
                 # frame is right (its similarity is just lower, e.g. wires over it) -- do not hide it as failed
-                q = by_frame[i]
-                note = f"confirmed from frame {j}"
-                q.update(failed=False, note=f"{q['note']}; {note}" if q.get("note") else note)
+                _add_note(by_frame[i], f"confirmed from frame {j}", failed=False)
                 if (1.0 - old_sim) <= threshold:
                     weak.discard(i)
             yield i, revised
     if settings.bridge_failed_frames:
         yield from _bridge_failed_frames(frames, poses, by_frame, registrar, translated_frames, polarity, is_good)
+
+
+def _finite(poses: dict[str, np.ndarray]) -> bool:
+    return all(np.all(np.isfinite(p)) for p in poses.values())
+
+
+def _add_note(q: dict, note: str, **fields) -> None:
+    """Append ``note`` to a frame's quality note and update its other ``fields``."""
+    q.update(note=f"{q['note']}; {note}" if q.get("note") else note, **fields)
+
+
+def _record_new_pose(q: dict, note: str, sim: float, iters: int, conv: bool, t0: float) -> None:
+    """A frame's quality after the second pass gave it a new pose: no longer failed."""
+    _add_note(q, note, similarity=round(float(sim), 5), iterations=int(q.get("iterations", 0)) + iters,
+              converged=bool(conv), failed=False, seconds=round(float(q.get("seconds", 0.0)) + time.time() - t0, 3))
 
 
 def _bridge_failed_frames(frames, poses, by_frame, registrar: Registrar, translated_frames, polarity, is_good):
@@ -869,22 +878,20 @@ def _bridge_failed_frames(frames, poses, by_frame, registrar: Registrar, transla
         start = {nm: interpolate_pose(poses[nm][a], poses[nm][b], (i - a) / (b - a), registrar.centroids_bone[nm])
                  for nm in names}
         raw_image, raw_fov, raw_info = raw_prepared
-        result, _, iters, conv = registrar.register_frame(raw_image, raw_fov, start, False, True, raw_info["polarity"])
+        result, new_raw, iters, conv = registrar.register_frame(raw_image, raw_fov, start, False, True,
+                                                                raw_info["polarity"])
         old_pose = {nm: poses[nm][i] for nm in names}
-        if all(np.all(np.isfinite(p)) for p in old_pose.values()):
-            old_raw, new_raw = registrar.similarities_at(raw_image, raw_fov, [old_pose, result], raw_info["polarity"])
-        else:
-            old_raw, new_raw = -np.inf, registrar.similarity_at(raw_image, raw_fov, result, raw_info["polarity"])
+        old_raw = registrar.similarity_at(raw_image, raw_fov, old_pose, raw_info["polarity"]) \
+            if _finite(old_pose) else -np.inf
         bridged = bool(new_raw > old_raw + 1e-4 and _same_place(start, result, registrar, settings.bridge_in_plane_mm,
                                                                   settings.bridge_rotation_deg))
         if bridged:
             for nm in names:
                 poses[nm][i] = result[nm]
-            sim = registrar.similarity_at(image, fov, result, info["polarity"])  # on the image it was registered on
-            note = f"bridged on the raw frame between frames {a} and {b} (raw similarity {old_raw:.3f} -> {new_raw:.3f})"
-            q.update(similarity=round(float(sim), 5), iterations=int(q.get("iterations", 0)) + iters,
-                     converged=bool(conv), failed=False, note=f"{q['note']}; {note}" if q.get("note") else note,
-                     seconds=round(float(q.get("seconds", 0.0)) + time.time() - t0, 3))
+            _record_new_pose(q, f"bridged on the raw frame between frames {a} and {b} "
+                                f"(raw similarity {old_raw:.3f} -> {new_raw:.3f})",
+                             registrar.similarity_at(image, fov, result, info["polarity"]),  # on the registered image
+                             iters, conv, t0)
         yield i, bridged
 
 
@@ -893,7 +900,7 @@ def _same_place(a: dict[str, np.ndarray], b: dict[str, np.ndarray], registrar: R
     """Both poses put every bone's centroid within ``in_plane_mm`` across the beam and within
     ``rotation_deg`` (depth is left out: single-plane depth is the loose component, and the raw-frame
     polish moves it)."""
-    if not all(np.all(np.isfinite(a[n])) for n in registrar.names):
+    if not _finite({n: a[n] for n in registrar.names}):
         return False
     source = registrar.geometry.source_position_world
     for n in registrar.names:

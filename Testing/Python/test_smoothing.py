@@ -113,3 +113,33 @@ def test_pipeline_writes_the_smoothed_copy_beside_the_measured_poses(tmp_path):
     np.testing.assert_allclose(back["femur"], expected, atol=1e-5)
     assert (target / "femur.jts").is_file() and (target / "tibia.tra").is_file()
     assert np.median(centre_errors(back["femur"], truth)) < np.median(centre_errors(measured, truth))
+
+
+def test_a_finished_registration_is_resumed_without_registering_again(tmp_path, monkeypatch):
+    """``register --resume --smooth-window N`` on a complete registration: no renderer is built and the second
+    pass is not run again (it ran when the registration completed), even with a weak frame in it."""
+    from Fluoro2DRRLib import registration
+    from Fluoro2DRRLib.geometry import CArmGeometry
+    from Fluoro2DRRLib.pipeline import ResultWriter, _fingerprint, run_registration
+
+    class Bone:
+        centroid_mm = CENTROID
+        file_from_bone = np.eye(4)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished registration was registered again")
+
+    geometry = CArmGeometry(1000.0, (0.3, 0.3), (64, 64))
+    frames = np.random.default_rng(0).uniform(0, 1, (6, 64, 64)).astype(np.float32)
+    bones = {"femur": Bone(), "tibia": Bone()}
+    poses = {"femur": quadratic_motion(6), "tibia": quadratic_motion(6)}
+    quality = [{"frame": k, "similarity": 0.5 if k == 3 else 0.95, "converged": True, "reinitialised": False,
+                "seconds": 1.0, "failed": False, "note": ""} for k in range(6)]  # frame 3 is weak
+    ResultWriter(tmp_path / "reg", geometry, bones, 6, {"fingerprint": _fingerprint(frames, geometry)}).write(
+        poses, quality, "complete")
+    monkeypatch.setattr(registration, "Registrar", must_not_run)
+    monkeypatch.setattr(registration, "iter_revisit_weak_frames", must_not_run)
+    result = run_registration(frames, geometry, bones, tmp_path / "reg", resume=True, progress=False)
+    for name in bones:
+        np.testing.assert_allclose(result.poses[name], poses[name], atol=1e-6)
+    assert [q["similarity"] for q in result.quality] == [q["similarity"] for q in quality]
