@@ -893,10 +893,12 @@ class SequenceRegistrationJob:
     frame gets the engine's automatic start. ``register_fn``: a stand-in (tests) with the older
     one-frame contract ``register_fn(frames[i:i+1], geometry, bones, init_poses=..., translation=...,
     device=..., settings=...)`` returning an object with ``poses`` (name -> (1, 4, 4)) and ``quality``.
+    ``polarity``: "xray", "drr" or "auto" (decided once for the whole sequence at the first step).
     """
 
     def __init__(self, frames, geometry: CArmGeometry, bones: dict, translation: str = "none",
-                 device: str = "auto", settings=None, init_poses: dict | None = None, register_fn=None):
+                 device: str = "auto", settings=None, init_poses: dict | None = None, register_fn=None,
+                 polarity: str = "auto"):
         self.frames = np.asarray(frames, dtype=np.float32)
         if self.frames.ndim == 2:
             self.frames = self.frames[None]
@@ -913,6 +915,7 @@ class SequenceRegistrationJob:
         self.settings = settings
         self.init_poses = init_poses
         self._register = register_fn
+        self._polarity = None if polarity == "auto" else polarity
         self._registrar = None
         self._translator = None
         self._translated = None
@@ -968,6 +971,15 @@ class SequenceRegistrationJob:
             self._registrar = Registrar(self.geometry, self.bones, self.settings, self.device)
         return self._registrar
 
+    @property
+    def polarity(self) -> str:
+        """The frames' polarity, decided once for the whole sequence (``polarity.detect_sequence_polarity``)."""
+        if self._polarity is None:
+            from .registration import sequence_polarity  # noqa: PLC0415
+
+            self._polarity = sequence_polarity(self.frames, "auto")
+        return self._polarity
+
     def _translated_up_to(self, i: int):
         """Frames translated by the chosen networks, each translated once (frame ``i`` at step ``i``)."""
         from .registration import translating  # noqa: PLC0415
@@ -990,8 +1002,9 @@ class SequenceRegistrationJob:
         quality of the frames before, so velocity prediction and the lost-track test work as in one run)."""
         collected = []
         fn(self.frames, self.geometry, self.bones, init_poses=self.init_poses, translation=self.translation,
-           device=self.device, settings=self.settings, start_frame=i, previous=self.poses if i > 0 else None,
-           previous_quality=self.quality, translated_frames=self._translated_up_to(i), registrar=self.registrar,
+           device=self.device, settings=self.settings, polarity=self.polarity, start_frame=i,
+           previous=self.poses if i > 0 else None, previous_quality=self.quality,
+           translated_frames=self._translated_up_to(i), registrar=self.registrar,
            should_stop=lambda: len(collected) >= 1, on_frame=collected.append)
         if not collected:
             raise RuntimeError(f"the registration returned no result for frame {i}")
@@ -1027,7 +1040,8 @@ class SequenceRegistrationJob:
 
                 self.revisiting = True
                 self._revisit = iter_revisit_weak_frames(self.frames, self.poses, self.quality, self.registrar,
-                                                         self._translated if translating(self.translation) else None)
+                                                         self._translated if translating(self.translation) else None,
+                                                         self.polarity)
             try:
                 next(self._revisit)
             except StopIteration:

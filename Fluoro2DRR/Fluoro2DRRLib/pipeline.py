@@ -135,9 +135,16 @@ def run_registration(frames, geometry, bones: dict, out_dir, init_poses=None, tr
         previous, quality, start, previous_status = _read_previous(out, fingerprint, names)
     elif out.exists() and (out / "report.json").exists() and not resume:
         raise InputError(out, "already holds a registration: use --resume to continue it, or another --out")
+    polarity_reason = "given by the caller"
+    if polarity == "auto":  # once for the sequence (one frame alone can fool the cues)
+        from .polarity import detect_sequence_polarity
+
+        polarity, polarity_info = detect_sequence_polarity(frames)
+        polarity_reason = polarity_info["reason"]
     report_base = {"fingerprint": fingerprint, "inputs": inputs_description or {}, "translation": translation,
                    "translation_model": None if translator is None else translator.info.get("config_hash"),
-                   "polarity": polarity, "settings": settings.to_dict(), "device": device,
+                   "polarity": polarity, "polarity_reason": polarity_reason, "settings": settings.to_dict(),
+                   "device": device,
                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     writer = ResultWriter(out, geometry, bones, n, report_base)
     poses = {k: np.full((n, 4, 4), np.nan) for k in names}

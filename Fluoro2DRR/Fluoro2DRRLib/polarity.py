@@ -30,8 +30,10 @@ detected with :func:`~Fluoro2DRRLib.metrics.field_of_view_mask` when not given) 
    textured -- compare the mean smoothed gradient in the lowest and in the highest 5 % of values.
 
 X-ray when the score is >= 0 (raw frames are the common input). Limitation: a raw frame whose
-periphery is darker than the leg (strong vignetting, a collimated field) can be mistaken for a DRR;
-the GUI shows the decision and lets the user override it (``polarity="xray"``).
+periphery is darker than the leg (strong vignetting, a collimated field, a thick leg filling the field)
+can be mistaken for a DRR; a sequence therefore decides once for all its frames
+(:func:`detect_sequence_polarity`), and the GUI shows the decision and lets the user override it
+(``polarity="xray"``).
 """
 from __future__ import annotations
 
@@ -116,6 +118,38 @@ def detect_polarity(frame, fov_mask=None) -> tuple[str, dict]:
     return polarity, {"polarity": polarity, "reason": reason, "votes": votes, "score": float(score),
                       "skewness": skew, "periphery_position": ring_position,
                       "texture_log_ratio": flat_ratio}
+
+
+def detect_sequence_polarity(frames, max_frames: int = 24) -> tuple[str, dict]:
+    """One polarity for a sequence ``(N, H, W)``: the scores of :func:`detect_polarity` on up to
+    ``max_frames`` evenly spaced frames, summed.
+
+    Frames from one imaging chain share their polarity, but a single frame can fool the cues: on a simulated
+    20-frame sequence three frames whose leg filled the field (dark periphery) were called DRRs one by one,
+    and the raw-frame refinement then compared them upside down (similarity at the true pose -0.1 to -0.4).
+    ``info`` gives the decision, the frames sampled and those that, alone, would have been called otherwise.
+    """
+    stack = np.asarray(frames)
+    if stack.ndim == 2:
+        stack = stack[None]
+    if stack.ndim != 3 or len(stack) == 0:
+        raise InputError("frames", f"expected a stack of 2-D frames, got shape {stack.shape}")
+    finite = np.flatnonzero([np.all(np.isfinite(f)) for f in stack])  # a broken frame is the caller's error
+    if len(finite) == 0:
+        return "xray", {"polarity": "xray", "reason": "no finite frame: nothing to decide, assumed raw X-ray",
+                        "score": 0.0, "frames_sampled": [], "frames_called_otherwise_alone": []}
+    spread = np.linspace(0, len(finite) - 1, min(len(finite), max(1, max_frames))).round().astype(int)
+    picks = finite[np.unique(spread)]
+    step = max(1, int(np.ceil(max(stack.shape[1:]) / 512)))  # the cues are global: 512 px are plenty, and fast
+    per_frame = {int(i): detect_polarity(stack[i, ::step, ::step]) for i in picks}
+    score = float(sum(info.get("score", 0.0) for _, info in per_frame.values()))
+    polarity = "xray" if score >= 0 else "drr"
+    n_xray = sum(p == "xray" for p, _ in per_frame.values())
+    others = [i for i, (p, _) in per_frame.items() if p != polarity]
+    reason = (f"{'X-ray (bone dark on bright)' if polarity == 'xray' else 'DRR (bone bright on dark)'} for the "
+              f"whole sequence: {n_xray} of {len(picks)} sampled frames look like X-ray (summed score {score:+.2f})")
+    return polarity, {"polarity": polarity, "reason": reason, "score": score,
+                      "frames_sampled": [int(i) for i in picks], "frames_called_otherwise_alone": others}
 
 
 def to_line_integral(frame, polarity: str = "auto", value_range=None, fov_mask=None,

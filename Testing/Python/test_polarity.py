@@ -7,7 +7,7 @@ from Fluoro2DRRLib import metrics
 from Fluoro2DRRLib.errors import InputError
 from Fluoro2DRRLib.geometry import knee_default_geometry
 from Fluoro2DRRLib.phantom import knee_flexion_sequence, make_knee_phantom
-from Fluoro2DRRLib.polarity import detect_polarity, to_line_integral
+from Fluoro2DRRLib.polarity import detect_polarity, detect_sequence_polarity, to_line_integral
 from Fluoro2DRRLib.render import render_numpy
 
 MU = 0.05  # 1 / mm-density
@@ -124,3 +124,29 @@ def test_errors():
         to_line_integral(np.ones((32, 32)), fov_mask=np.zeros((32, 32)))
     with pytest.raises(InputError):
         to_line_integral(-np.ones((32, 32)), polarity="xray", fov_mask=np.ones((32, 32)))
+
+
+def vignetted(frame, amount=0.9, field_radius_fraction=0.47):
+    """Strong image-intensifier vignetting: the field's periphery nearly as dark as the bones."""
+    h, w = frame.shape
+    yy, xx = np.mgrid[:h, :w]
+    r = np.hypot(xx - w / 2, yy - h / 2) / (field_radius_fraction * w)
+    return (frame * np.clip(1.0 - amount * r ** 2, 0.02, 1.0)).astype(np.float32)
+
+
+def test_a_sequence_is_given_one_polarity(line_integrals):
+    """One frame alone can fool the cues (a dark periphery); the sequence's summed vote decides for all."""
+    rng = np.random.default_rng(4)
+    xray = [simulate_xray(li, rng)[0] for li in line_integrals]
+    fooled = vignetted(xray[1])
+    assert detect_polarity(fooled)[0] == "drr"  # the premise: alone it is called a DRR
+    stack = np.stack([xray[0], fooled, xray[2], xray[1]])
+    polarity, info = detect_sequence_polarity(stack)
+    assert polarity == "xray" and info["frames_called_otherwise_alone"] == [1], info
+    assert info["frames_sampled"] == [0, 1, 2, 3] and "3 of 4" in info["reason"]
+    drrs = np.stack([li.sum(0) for li in line_integrals])
+    assert detect_sequence_polarity(drrs)[0] == "drr"
+    assert detect_sequence_polarity(drrs, max_frames=2)[1]["frames_sampled"] == [0, 2]
+    broken = drrs.copy()
+    broken[0, 3, 3] = np.nan  # left for the registration's own clear error, not sampled
+    assert detect_sequence_polarity(broken)[1]["frames_sampled"] == [1, 2]

@@ -14,8 +14,9 @@ from Fluoro2DRRLib.errors import InputError
 from Fluoro2DRRLib.evaluate import pose_errors
 from Fluoro2DRRLib.frames_io import load_frames
 from Fluoro2DRRLib.geometry import CArmGeometry
-from Fluoro2DRRLib.registration import (Registrar, RegistrationSettings, iter_revisit_weak_frames, polish_on_raw_frame,
-                                        prepare_frame, register_sequence)
+from Fluoro2DRRLib.registration import (Registrar, RegistrationSettings, iter_revisit_weak_frames, outlier_weights,
+                                        polish_on_raw_frame, prepare_frame, register_sequence)
+from Fluoro2DRRLib.render import TwoBoneRenderer
 
 SIZE = 256
 
@@ -135,6 +136,86 @@ def test_recovers_perturbed_pose_on_raw_fluoroscopy(fluoro):
         assert after[n]["in_plane_mm"] < 0.5 * before[n]["in_plane_mm"]
 
 
+def test_outlier_weights_mark_what_the_drr_cannot_explain():
+    """Weights ~1 where the frame is a linear map of the DRR plus noise, ~0 on a structure the DRR lacks;
+    the frame's gain and offset change nothing."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:96, 0:96].astype(np.float32)
+    drr = np.exp(-((xx - 40) ** 2 + (yy - 50) ** 2) / 300.0)
+    blob = (((xx - 70) ** 2 + (yy - 20) ** 2) < 36).astype(np.float32)
+    frame = drr + 0.6 * blob + rng.normal(0, 0.01, drr.shape)
+    as_t = lambda a: torch.as_tensor(a, dtype=torch.float32)[None, None]
+    mask = torch.ones(1, 1, 96, 96)
+    w = outlier_weights(as_t(frame), as_t(drr), mask)[0, 0].numpy()
+    assert w.shape == drr.shape and np.all((w > 0) & (w <= 1))
+    assert np.max(w[blob > 0]) < 0.05, np.max(w[blob > 0])
+    assert np.median(w[blob == 0]) > 0.95
+    w_remapped = outlier_weights(as_t(3.0 * frame - 7.0), as_t(drr), mask)[0, 0].numpy()
+    np.testing.assert_allclose(w_remapped, w, atol=1e-3)
+    # raw-frame mode: compared high-passed, as the similarity compares them
+    w_hp = outlier_weights(as_t(frame), as_t(drr), mask, highpass_fraction=0.08)[0, 0].numpy()
+    assert np.max(w_hp[blob > 0]) < 0.1 and np.median(w_hp[blob == 0]) > 0.9
+
+
+def test_a_dense_structure_outside_the_bone_models_is_down_weighted(clean):
+    """A raw frame with a patella-like blob over the tibia's edge and two EMG wires, none of them in the
+    bone models: registered from the TRUE pose, the plain objective walks away (the blob pulls the bones),
+    the re-weighted finest level (the default for raw frames) stays near the truth."""
+    _, geometry, bones, truth, _ = clean
+    k = 1
+    with torch.no_grad():
+        line_integrals = TwoBoneRenderer(geometry, [bones["femur"], bones["tibia"]])(
+            torch.as_tensor(np.stack([truth["femur"][k], truth["tibia"][k]])[None], dtype=torch.float32))[0].numpy()
+    total = line_integrals.sum(0)
+    yy, xx = np.mgrid[0:total.shape[0], 0:total.shape[1]].astype(float)
+    centre = {n: geometry.project((truth[n][k][:3, :3] @ bones[n].centroid_mm + truth[n][k][:3, 3])[None])[0]
+              for n in truth}
+    cx, cy = 0.5 * (centre["femur"] + centre["tibia"]) + np.array([-30.0, 0.0])
+    blob = total.max() * np.exp(-(((xx - cx) / 14) ** 2 + ((yy - cy) / 22) ** 2) ** 2)
+    wires = sum(25 * np.exp(-(np.abs(yy - (a * xx + b)) / np.hypot(1, a) / 1.2) ** 2) for a, b in ((0.3, 40), (-0.5, 170)))
+    frame = np.round(255 * np.exp(-(total + blob + wires) / 30)).astype(np.float32)
+    image, fov, info = prepare_frame(frame)
+    assert info["polarity"] == "xray"
+    start = {n: truth[n][k] for n in truth}
+    found = {}
+    for name, settings in (("plain", small_settings(outlier_rounds=0)), ("reweighted", small_settings())):
+        registrar = Registrar(geometry, bones, settings)
+        poses, sim, *_ = registrar.register_frame(image, fov, start, auto=False, tracking=True, polarity="xray")
+        found[name] = errors(poses, truth, bones, geometry, k)
+        # the similarity reported is the plain objective at the pose found, whatever the weights
+        assert sim == pytest.approx(registrar.similarity_at(image, fov, poses, "xray"), abs=1e-5)
+    plain, reweighted = found["plain"], found["reweighted"]
+    assert max(plain[n]["rotation_deg"] for n in truth) > 2.0, plain  # the blob pulls the plain objective
+    for n in truth:
+        assert reweighted[n]["rotation_deg"] < 1.0, reweighted
+        assert reweighted[n]["in_plane_mm"] < 0.6, reweighted
+    assert sum(reweighted[n]["rotation_deg"] for n in truth) < 0.4 * sum(plain[n]["rotation_deg"] for n in truth)
+
+
+def test_one_polarity_for_the_whole_sequence(fluoro):
+    """A raw frame whose vignetting darkens the field's periphery is called a DRR on its own; registered that
+    way (upside down) it walks off. In a sequence it takes the sequence's polarity and registers."""
+    _, geometry, bones, truth, frames = fluoro
+    frames = frames.copy()
+    h, w = frames.shape[1:]
+    yy, xx = np.mgrid[:h, :w]
+    frames[1] = frames[1] * np.clip(1.0 - 0.9 * (np.hypot(xx - w / 2, yy - h / 2) / (0.5 * w)) ** 2, 0.02, 1.0)
+    image, fov, info = prepare_frame(frames[1])
+    assert info["polarity"] == "drr"  # the premise: alone, misread
+    registrar = Registrar(geometry, bones, small_settings(outlier_rounds=0))  # polarity is under test here
+    alone, *_ = registrar.register_frame(image, fov, {n: truth[n][1] for n in truth}, auto=False, tracking=True,
+                                         polarity=info["polarity"])
+    assert max(errors(alone, truth, bones, geometry, 1)[n]["in_plane_mm"] for n in truth) > 1.0
+    # the vignetting lowers the frame's similarity well below frame 0's: no lost-track search (minutes) here;
+    # frame 0 starts at its truth: tracking-sized iterations suffice (the test's budget)
+    registrar.settings.lost_dissimilarity_ratio = 100.0
+    registrar.settings.start_iterations = registrar.settings.track_iterations
+    result = register_sequence(frames[:2], geometry, bones, init_poses={n: truth[n][:1] for n in truth},
+                               registrar=registrar, settings=registrar.settings)
+    for n, e in errors({n: result.poses[n][1] for n in truth}, truth, bones, geometry, 1).items():
+        assert e["in_plane_mm"] < 0.5 and e["rotation_deg"] < 2.0, (n, e)
+
+
 def test_automatic_start_from_far_default(clean):
     _, geometry, bones, truth, frames = clean
     registrar = Registrar(geometry, bones, small_settings())
@@ -181,6 +262,8 @@ def test_tracking_and_resume(sequence, tmp_path):
             assert e[n]["rotation_deg"] < 1.5, (k, e)
     report = json.loads((tmp_path / "full" / "report.json").read_text())
     assert report["status"] == "complete" and report["frames_done"] == len(frames)
+    # polarity decided once for the sequence, and said why (these frames are clean DRRs)
+    assert report["polarity"] == "drr" and "for the whole sequence" in report["polarity_reason"]
     assert all(q["converged"] for q in report["frames"][1:]) or report["converged_frames"] >= 2
 
     # interrupt after the first frame, then resume: the same poses as the uninterrupted run

@@ -86,6 +86,7 @@ def test_job_on_the_engine_into_mrml_and_back(simulated, tmp_path, monkeypatch):
     assert len(built) == 1, "the job must build one Registrar and reuse it"
     assert [q["frame"] for q in job.quality] == list(range(N_FRAMES))
     assert len(job.frame_results) == N_FRAMES
+    assert job.polarity == "drr"  # decided once for the sequence (clean simulated DRRs)
 
     # The real engine ran: in-plane errors against the simulation's truth (the tibia, partly hidden
     # behind the femur in this lateral view, gets a little more room).
