@@ -331,6 +331,17 @@ def test_a_wrong_track_is_reacquired_not_failed(sequence):
         assert e[n]["in_plane_mm"] < 0.5, e
 
 
+def _quality_flagging(registrar, prepared, poses, failed_frame=None):
+    """Per-frame quality as tracking leaves it: the similarity of each prepared image ((image, fov, info), one per
+    frame) at its pose, ``failed_frame`` flagged lost."""
+    out = []
+    for k, (image, fov, info) in enumerate(prepared):
+        sim = registrar.similarity_at(image, fov, {n: poses[n][k] for n in poses}, info["polarity"])
+        out.append({"frame": k, "similarity": sim, "failed": k == failed_frame,
+                    "note": "lost track" if k == failed_frame else ""})
+    return out
+
+
 def test_a_wrong_first_frame_is_revisited_from_its_neighbour(sequence):
     """Tracking never looks back: a first frame that the automatic start got wrong stays wrong unless the
     second pass registers it again from frame 1 (backwards) and keeps the pose that explains it better."""
@@ -341,11 +352,7 @@ def test_a_wrong_first_frame_is_revisited_from_its_neighbour(sequence):
     poses = {n: truth[n].copy() for n in truth}
     for n in truth:
         poses[n][0] = shift @ truth[n][0]
-    quality = []
-    for k in range(len(frames)):
-        image, fov, info = prepare_frame(frames[k])
-        sim = registrar.similarity_at(image, fov, {n: poses[n][k] for n in truth}, info["polarity"])
-        quality.append({"frame": k, "similarity": sim, "failed": False, "note": ""})
+    quality = _quality_flagging(registrar, [prepare_frame(f) for f in frames], poses)
     assert quality[0]["similarity"] < quality[1]["similarity"] - 0.1  # the wrong frame is weak
     # a right frame that tracking flagged as lost (e.g. wires lowered its similarity), at the pose a search from
     # frame 3 finds: the revisits find it again (no new pose); the bridge, from frames 1 and 3, confirms it
@@ -369,18 +376,6 @@ def test_a_wrong_first_frame_is_revisited_from_its_neighbour(sequence):
         quality[2]
 
 
-def _quality_flagging(registrar, frames, translated, poses, failed_frame):
-    """Per-frame quality as tracking leaves it: similarity of each translated frame at its pose (as the second
-    pass scores it), one frame flagged lost."""
-    out = []
-    for k in range(len(frames)):
-        _, (image, fov, info) = prepare_frame_and_translation(frames[k], translated[k], "drr")
-        sim = registrar.similarity_at(image, fov, {n: poses[n][k] for n in poses}, info["polarity"])
-        out.append({"frame": k, "similarity": sim, "failed": k == failed_frame,
-                    "note": "lost track" if k == failed_frame else ""})
-    return out
-
-
 def test_a_failed_frame_between_good_ones_is_bridged_on_the_raw_frame(sequence):
     """A translated frame that says nothing useful (here: noise; in the benchmark, wires over a bone at the
     field's edge) leaves its frame failed and 12 mm off after the revisits; the bridge registers the raw frame
@@ -395,13 +390,10 @@ def test_a_failed_frame_between_good_ones_is_bridged_on_the_raw_frame(sequence):
     for n in truth:
         poses[n][1] = shift @ truth[n][1]
 
+    prepared = [prepare_frame(t) for t in translated]
+
     def quality_at(frame_poses):
-        out = []
-        for k in range(len(frames)):
-            image, fov, info = prepare_frame(translated[k])
-            sim = registrar.similarity_at(image, fov, {n: frame_poses[n][k] for n in truth}, info["polarity"])
-            out.append({"frame": k, "similarity": sim, "failed": k == 1, "note": "lost track" if k == 1 else ""})
-        return out
+        return _quality_flagging(registrar, prepared, frame_poses, failed_frame=1)
 
     # too far apart for the settings' gap: frame 1 is only revisited (in vain), never bridged
     narrow = Registrar(geometry, bones, small_settings(bridge_max_gap_frames=1))
@@ -434,7 +426,8 @@ def test_a_revisit_that_leaves_a_failed_frame_weak_does_not_clear_its_flag(seque
     for n in truth:
         poses[n][1] = shift @ truth[n][1]
     registrar = Registrar(geometry, bones, small_settings())
-    quality = _quality_flagging(registrar, frames, translated, poses, failed_frame=1)
+    prepared = [prepare_frame_and_translation(f, t, "drr")[1] for f, t in zip(frames, translated)]
+    quality = _quality_flagging(registrar, prepared, poses, failed_frame=1)
     tried = list(iter_revisit_weak_frames(frames, poses, quality, registrar, translated))
     # revised backwards and forwards (a better pose than the wrong one), then -- still failed, hence tried by the
     # bridge -- confirmed on the raw frame: the bridge lands where the revisits put it, so the flag clears
