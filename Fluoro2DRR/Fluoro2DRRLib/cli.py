@@ -99,6 +99,10 @@ def add_register_arguments(p):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the renderer: ~20 %% faster per frame on the CPU after 10-70 s of "
                         "compilation (needs a C++ compiler); pays off on long sequences")
+    p.add_argument("--restart-deg", type=float, default=None, metavar="DEG",
+                   help="fluoroscopy frames: after each frame, restart from the pose turned this far out of the "
+                        "image plane (4 restarts) and keep a clearly better pose; frees a bone stuck a few "
+                        "degrees off, roughly doubles the time per frame; 0: off (default: 6)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--pixel-spacing", type=float, default=None,

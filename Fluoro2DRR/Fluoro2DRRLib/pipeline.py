@@ -245,6 +245,11 @@ def register_command(args) -> None:
         settings.detector_sizes = sizes[-3:]
         settings.voxel_mm = settings.voxel_mm[-len(settings.detector_sizes):]
     settings.compile_renderer = bool(getattr(args, "compile", False))
+    restart_deg = getattr(args, "restart_deg", None)
+    if restart_deg is not None:
+        if not (np.isfinite(restart_deg) and 0.0 <= restart_deg <= 30.0):
+            raise InputError("--restart-deg", f"{restart_deg} is not between 0 (off) and 30 degrees")
+        settings.restart_rotation_deg = float(restart_deg)
     description = {"frames": str(args.frames), "calibration": str(args.calibration), "femur": args.femur,
                    "tibia": args.tibia, "ct": args.ct, "labels": args.labels}
     result = run_registration(stack.frames, geometry, bones, args.out, init or None, args.translation, args.device,

@@ -141,6 +141,9 @@ def test_bad_inputs(sim, tmp_path, capsys):
     assert _register(sim, out, **{"--translation": str(tmp_path / "my_model")}) == 2
     _one_line_error(capsys, "--translation", "my_model", "not a folder")
     assert not out.exists()
+    assert _register(sim, out, **{"--restart-deg": "-1"}) == 2
+    _one_line_error(capsys, "--restart-deg", "between 0 (off) and 30")
+    assert not out.exists()
     # frame size that disagrees with the calibration
     frames = load_frames(sim / "frames").frames
     small = tmp_path / "small_frames"
@@ -185,5 +188,6 @@ def test_register_help_shows_the_interface(capsys):
         main(["register", "--help"])
     text = capsys.readouterr().out
     for flag in ("--frames", "--calibration", "--femur", "--tibia", "--ct", "--labels", "--femur-label",
-                 "--tibia-label", "--init-femur", "--init-tibia", "--translation", "--device", "--resume", "--out"):
+                 "--tibia-label", "--init-femur", "--init-tibia", "--translation", "--device", "--resume", "--out",
+                 "--restart-deg"):
         assert flag in text

@@ -110,7 +110,8 @@ def run_case(label, sim_dir, args, rows, details):
     shutil.rmtree(out_dir, ignore_errors=True)
     t0 = time.time()
     translation = args.translation if label == "translated" else "none"
-    settings = RegistrationSettings(outlier_rounds=args.outlier_rounds, outlier_scale=args.outlier_scale)
+    settings = RegistrationSettings(outlier_rounds=args.outlier_rounds, outlier_scale=args.outlier_scale,
+                                    restart_rotation_deg=args.restart_deg)
     result = run_registration(frames, geometry, bones, out_dir, None, translation, progress=True,
                               default_poses=default, settings=settings)
     total = time.time() - t0
@@ -229,6 +230,8 @@ def main():
                     help="also score the engine's poses smoothed over this many frames (1: off)")
     ap.add_argument("--outlier-rounds", type=int, default=RegistrationSettings().outlier_rounds,
                     help="RegistrationSettings.outlier_rounds of the engine (0: the plain objective on raw frames)")
+    ap.add_argument("--restart-deg", type=float, default=RegistrationSettings().restart_rotation_deg,
+                    help="RegistrationSettings.restart_rotation_deg: out-of-plane restarts on fluoroscopy frames (0: off)")
     ap.add_argument("--outlier-scale", type=float, default=RegistrationSettings().outlier_scale,
                     help="RegistrationSettings.outlier_scale (residuals this many robust sigmas weigh 1/2)")
     ap.add_argument("--skip-memory", action="store_true")
@@ -268,7 +271,7 @@ def main():
     lines = [f"Subject: {subject_name}; 256 x 256 detector; {machine}; torch {torch.__version__}"
              + (f"; translation model {args.translation}" if "translated" in args.cases.split(",") else "")
              + f"; sequence seed {args.seed}; raw frames re-weighted {args.outlier_rounds} rounds"
-             f" (scale {args.outlier_scale:g}).", "",
+             f" (scale {args.outlier_scale:g}); out-of-plane restarts {args.restart_deg:g} deg.", "",
              header]
     lines += [fmt_row(*r) for r in rows]
     lines.append("")
