@@ -869,7 +869,7 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
         if not failed and settings.restart_rotation_deg > 0 and frame_info["polarity"] != "drr":
             restarted, before, after, it3 = registrar.restart_out_of_plane(image, fov, result, frame_info["polarity"])
             iters += it3
-            restart_note = f"out-of-plane restart (dissimilarity {1 - before:.4f} -> {1 - after:.4f}"
+            restart_note = f"out-of-plane restart (dissimilarity {1 - before:.4f} -> {1 - after:.4f})"
             if restarted is result:
                 restarted = None
         if translated is not None and not failed and settings.polish_on_raw_frame:
@@ -882,10 +882,10 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
                 raw_old, raw_new = registrar.similarities_at(raw_image, raw_fov, [result, polished], raw_info["polarity"])
                 if raw_new > raw_old:
                     result, sim = polished, after
-                    note = (note + "; " if note else "") + restart_note + f"; raw frame {raw_old:.4f} -> {raw_new:.4f})"
+                    note = "; ".join(filter(None, (note, restart_note, f"raw frame {raw_old:.4f} -> {raw_new:.4f}")))
         elif restarted is not None:
             result, sim = restarted, after
-            note = (note + "; " if note else "") + restart_note + ")"
+            note = "; ".join(filter(None, (note, restart_note)))
         for nm in names:
             poses[nm][i] = result[nm]
         good[i] = not failed
