@@ -25,6 +25,10 @@ def _add_simulate(sub):
     p.add_argument("--max-flexion", type=float, default=60.0, help="flexion at the last frame, degrees")
     p.add_argument("--fluoro-strength", type=float, default=1.0,
                    help="with --realism fluoro: strength of every effect (0 clean .. 1 default .. >1 harsher)")
+    p.add_argument("--effects-per", choices=["frame", "sequence"], default="frame",
+                   help="with --realism fluoro: draw the effects (exposure, soft tissue, wires, markers, the "
+                        "intensifier's field) again for every frame (default; harsher than a real sequence), or "
+                        "once for the sequence with fresh noise per frame (one C-arm setting, as in a real trial)")
     p.add_argument("--labelmap", help="label map (NRRD/NIfTI/...) with femur and tibia labels")
     p.add_argument("--femur-label", type=int, default=5)
     p.add_argument("--tibia-label", type=int, default=6)
@@ -44,7 +48,7 @@ def _run_simulate(args):
                              tibia_label=args.tibia_label, femur_mesh=args.femur, tibia_mesh=args.tibia,
                              mesh_coordinate_system=args.mesh_space, mesh_units=args.units,
                              max_flexion_deg=args.max_flexion,
-                             fluoro_strength=args.fluoro_strength)
+                             fluoro_strength=args.fluoro_strength, fluoro_effects_per=args.effects_per)
     print(f"wrote {info['n_frames']} {info['realism']} frames of {info['subject']} to {args.out} "
           f"in {info['seconds']:.1f} s")
 
@@ -103,6 +107,10 @@ def add_register_arguments(p):
                    help="fluoroscopy frames: after each frame, restart from the pose turned this far out of the "
                         "image plane (4 restarts) and keep a clearly better pose; frees a bone stuck a few "
                         "degrees off, roughly doubles the time per frame; 0: off (default: 6)")
+    p.add_argument("--no-fill", action="store_true",
+                   help="keep a failed frame's registered pose even when it is far off its good neighbours' "
+                        "motion (default: such a bone carries their interpolated pose, still flagged failed, "
+                        "noted 'not measured')")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--pixel-spacing", type=float, default=None,

@@ -259,12 +259,18 @@ def _pincushion(img, k, fill):
 
 
 def simulate_fluoroscopy(bone_line_integrals: np.ndarray, rng: np.random.Generator,
-                         effects: FluoroEffects | None = None, strength: float = 1.0) -> np.ndarray:
+                         effects: FluoroEffects | None = None, strength: float = 1.0,
+                         noise_rng: np.random.Generator | None = None) -> np.ndarray:
     """Simulate one fluoroscopy frame ``(H, W)`` float32 in [0, 1], bone dark on bright.
 
     ``bone_line_integrals``: ``(C, H, W)`` (or ``(H, W)``) per-bone line integrals, bone bright.
     ``strength`` scales the amplitude of every random effect (0 -> clean).
+    ``rng`` draws the scene (exposure, soft tissue, objects, intensifier field, ...) and, without
+    ``noise_rng``, the pixel noise too. With ``noise_rng`` the quantum and electronic noise come from it:
+    a generator seeded alike for every frame of a sequence then gives one scene (one C-arm setting, the
+    same wires and field) with fresh noise per frame.
     """
+    noise = rng if noise_rng is None else noise_rng
     eff = FluoroEffects() if effects is None else effects
     li = np.asarray(bone_line_integrals, dtype=np.float32)
     bones = li.sum(axis=0) if li.ndim == 3 else li
@@ -297,7 +303,7 @@ def simulate_fluoroscopy(bone_line_integrals: np.ndarray, rng: np.random.Generat
         img = img + _u(rng, eff.glare) * strength * ndimage.gaussian_filter(img, sig, mode="nearest")
     if eff.quantum_noise_on and strength > 0:
         n0 = _u(rng, eff.photons) / max(strength, 1e-3)
-        img = rng.poisson(np.clip(img, 0, None) * n0).astype(np.float32) / n0
+        img = noise.poisson(np.clip(img, 0, None) * n0).astype(np.float32) / n0
     if eff.honeycomb_on:
         img = img * _honeycomb((h, w), rng, eff, strength, yy, xx)
         bl = _u(rng, eff.blockiness) * strength
@@ -307,7 +313,8 @@ def simulate_fluoroscopy(bone_line_integrals: np.ndarray, rng: np.random.Generat
     if eff.detector_blur_on:
         img = ndimage.gaussian_filter(img, _u(rng, eff.detector_sigma_px) * max(strength, 0) + 1e-3)
     if eff.electronic_noise_on:
-        img = img + rng.normal(0, _u(rng, eff.electronic_sigma) * strength, img.shape)
+        sigma = _u(rng, eff.electronic_sigma) * strength
+        img = img + noise.normal(0, sigma, img.shape)
     if eff.saturation_on:
         lvl = 1.0 - (1.0 - _u(rng, eff.saturation_level)) * min(max(strength, 0.0), 1.0)
         img = np.clip(img, 0, lvl) / lvl

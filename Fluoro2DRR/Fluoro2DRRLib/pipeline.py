@@ -250,6 +250,7 @@ def register_command(args) -> None:
         if not (np.isfinite(restart_deg) and 0.0 <= restart_deg <= 30.0):
             raise InputError("--restart-deg", f"{restart_deg} is not between 0 (off) and 30 degrees")
         settings.restart_rotation_deg = float(restart_deg)
+    settings.fill_failed_frames = not getattr(args, "no_fill", False)
     description = {"frames": str(args.frames), "calibration": str(args.calibration), "femur": args.femur,
                    "tibia": args.tibia, "ct": args.ct, "labels": args.labels}
     result = run_registration(stack.frames, geometry, bones, args.out, init or None, args.translation, args.device,

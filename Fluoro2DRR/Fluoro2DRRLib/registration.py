@@ -104,6 +104,15 @@ class RegistrationSettings:
     bridge_max_gap_frames: int = 4
     bridge_in_plane_mm: float = 3.0
     bridge_rotation_deg: float = 6.0
+    # (a failed first or last frame, with good frames on one side only, is bridged from the next good frame's
+    # constant-velocity extrapolation). A frame the bridge cannot register either keeps its "failed" flag,
+    # and each bone of it lying further than bridge_in_plane_mm across the beam or fill_rotation_deg turned
+    # from the neighbours' motion carries that motion's pose instead, noted "not measured": on such frames the
+    # raw and the translated frame both explained a wrong pose better than the true one (seed 24 frame 5:
+    # registered 28 mm / 64 deg off, the interpolation 0.8 mm / 0.6 deg), so a pose far off the motion is the
+    # worse guess. False keeps the registered poses.
+    fill_failed_frames: bool = True
+    fill_rotation_deg: float = 15.0
     # fluoroscopy frames (raw or translated), after each good frame's registration: restarts from the pose with
     # every bone turned by this many degrees about each of the two axes across the beam (4 starts, refined with
     # the tracking settings); the best is kept when its dissimilarity is below (1 - restart_min_gain) x the
@@ -921,11 +930,12 @@ def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], q
     (higher similarity on the same image) and clears the similarity floor; a failed frame stays failed unless
     the new pose makes it a good frame (dissimilarity within the weak-frame threshold).
 
-    A frame still failed after that, between two good frames, is bridged on the raw frame
-    (:func:`_bridge_failed_frames`), which also clears the flag of a frame whose pose it confirms. A search from
-    one neighbour landing where the frame already is does not: that neighbour may share the frame's error
-    (measured: seed 22's last frame, 1.1 mm / 3.6 deg off, was "confirmed" so from frame 18), and a flagged
-    frame that is right only costs a look, a wrong one that is not flagged costs a wrong result.
+    A frame still failed after that, between two good frames or next to one at either end, is bridged on the
+    raw frame (:func:`_bridge_failed_frames`), which also clears the flag of a frame whose pose it confirms (a
+    search from one neighbour landing where the frame already is does not: that neighbour may share the frame's
+    error -- measured: seed 22's last frame, 1.1 mm / 3.6 deg off, was "confirmed" so from frame 18 -- and a
+    flagged frame that is right only costs a look, a wrong one that is not flagged costs a wrong result), and
+    gives a frame it cannot register its neighbours' motion where its own pose is far off that motion.
 
     Updates ``poses`` (name -> (N, 4, 4)) and ``quality`` (one dict per frame, matched by "frame") in place.
     A generator: yields ``(frame, revised)`` after each frame it tries, so a GUI can drive it in slices.
@@ -990,12 +1000,38 @@ def _record_new_pose(q: dict, note: str, sim: float, iters: int, conv: bool, t0:
               seconds=round(float(q.get("seconds", 0.0)) + time.time() - t0, 3))
 
 
+def _motion_start(i: int, poses, registrar: Registrar, good: list[int], is_good, max_gap: int):
+    """-> (the neighbours' motion at frame ``i``: name -> 4x4, a phrase saying from which frames, "interpolated"
+    or "extrapolated") or None.
+
+    Between the nearest good frames on either side (at most ``max_gap`` apart): their interpolation. At
+    either end of the sequence (good frames on one side only), for the frame next to a good frame: that
+    frame's constant-velocity extrapolation (from it and the frame beyond it when that one is good too)."""
+    names, n = registrar.names, len(poses[registrar.names[0]])
+    a = max((j for j in good if j < i), default=None)
+    b = min((j for j in good if j > i), default=None)
+    if a is not None and b is not None:
+        if b - a > max_gap:
+            return None
+        return ({nm: interpolate_pose(poses[nm][a], poses[nm][b], (i - a) / (b - a), registrar.centroids_bone[nm])
+                 for nm in names}, f"between frames {a} and {b}", "interpolated")
+    side = a if a is not None else b
+    if side is None or abs(i - side) != 1:
+        return None
+    beyond = side - (i - side)
+    prev2 = beyond if 0 <= beyond < n and is_good(beyond) else None
+    return ({nm: _extrapolate(poses[nm][side], None if prev2 is None else poses[nm][prev2],
+                              registrar.centroids_bone[nm], registrar.geometry) for nm in names},
+            f"from frame {side}'s motion", "extrapolated")
+
+
 def _bridge_failed_frames(frames, poses, by_frame, registrar: Registrar, translated_frames, polarity, is_good):
-    """Frames still failed between two good frames: registered on the raw frame from the good frames' pose
-    interpolated to this frame; kept when the raw frame's similarity rises and the pose stays within
-    ``bridge_in_plane_mm`` / ``bridge_rotation_deg`` of the interpolation (see RegistrationSettings). When it
-    lands within that of the interpolation and where the frame already is (:func:`_same_place`), the frame's
-    pose is confirmed: its "failed" flag is cleared."""
+    """Frames still failed next to good frames: registered on the raw frame from the neighbours' motion
+    (:func:`_motion_start`: interpolated between good frames, or extrapolated at either end); kept when the raw
+    frame's similarity rises and the pose stays within ``bridge_in_plane_mm`` / ``bridge_rotation_deg`` of
+    the motion (see RegistrationSettings). When it lands within that of the motion and where the frame already
+    is (:func:`_same_place`), the frame's pose is confirmed: its "failed" flag is cleared. Otherwise, with
+    ``fill_failed_frames``, each bone whose pose is far off the motion carries the motion's pose (still failed)."""
     settings, names = registrar.settings, registrar.names
     n = len(frames)
     good = [j for j in range(n) if is_good(j)]
@@ -1003,15 +1039,13 @@ def _bridge_failed_frames(frames, poses, by_frame, registrar: Registrar, transla
         q = by_frame.get(i)
         if q is None or not q.get("failed", False):
             continue
-        a = max((j for j in good if j < i), default=None)
-        b = min((j for j in good if j > i), default=None)
-        if a is None or b is None or b - a > settings.bridge_max_gap_frames:
+        motion = _motion_start(i, poses, registrar, good, is_good, settings.bridge_max_gap_frames)
+        if motion is None:
             continue
+        start, where, how = motion
         t0 = time.time()
         raw_prepared, (image, fov, info) = prepare_frame_and_translation(
             frames[i], None if translated_frames is None else translated_frames[i], polarity)
-        start = {nm: interpolate_pose(poses[nm][a], poses[nm][b], (i - a) / (b - a), registrar.centroids_bone[nm])
-                 for nm in names}
         raw_image, raw_fov, raw_info = raw_prepared
         result, new_raw, iters, conv = registrar.register_frame(raw_image, raw_fov, start, False, True,
                                                                 raw_info["polarity"])
@@ -1023,26 +1057,34 @@ def _bridge_failed_frames(frames, poses, by_frame, registrar: Registrar, transla
         if bridged:
             for nm in names:
                 poses[nm][i] = result[nm]
-            _record_new_pose(q, f"bridged on the raw frame between frames {a} and {b} "
-                                f"(raw similarity {old_raw:.3f} -> {new_raw:.3f})",
+            _record_new_pose(q, f"bridged on the raw frame {where} (raw similarity {old_raw:.3f} -> {new_raw:.3f})",
                              registrar.similarity_at(image, fov, result, info["polarity"]),  # on the registered image
                              iters, conv, t0)
         elif near_motion and _same_place(old_pose, result, registrar):
             # the raw frame, started from the neighbours' motion, lands where the frame already is: its pose is
             # right (a noisy or confused translated frame only lowered its similarity)
-            _add_note(q, f"confirmed on the raw frame between frames {a} and {b}", failed=False)
+            _add_note(q, f"confirmed on the raw frame {where}", failed=False)
+        elif settings.fill_failed_frames:
+            off = [nm for nm in names if not _same_place(old_pose, start, registrar, settings.bridge_in_plane_mm,
+                                                         settings.fill_rotation_deg, names=(nm,))]
+            for nm in off:
+                poses[nm][i] = start[nm]
+            if off:
+                _add_note(q, f"{', '.join(off)} pose {how} {where} (its registration was off the motion; "
+                             f"not measured)")
         yield i, bridged
 
 
 def _same_place(a: dict[str, np.ndarray], b: dict[str, np.ndarray], registrar: Registrar,
-                in_plane_mm: float = 1.0, rotation_deg: float = 2.0) -> bool:
+                in_plane_mm: float = 1.0, rotation_deg: float = 2.0, names=None) -> bool:
     """Both poses put every bone's centroid within ``in_plane_mm`` across the beam and within
     ``rotation_deg`` (depth is left out: single-plane depth is the loose component, and the raw-frame
     polish moves it)."""
-    if not _finite({n: a[n] for n in registrar.names}):
+    names = registrar.names if names is None else names
+    if not _finite({n: a[n] for n in names}):
         return False
     source = registrar.geometry.source_position_world
-    for n in registrar.names:
+    for n in names:
         c = np.r_[registrar.centroids_bone[n], 1.0]
         ca, cb = (a[n] @ c)[:3], (b[n] @ c)[:3]
         ray = (ca - source) / np.linalg.norm(ca - source)

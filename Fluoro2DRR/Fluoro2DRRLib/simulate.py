@@ -83,12 +83,15 @@ def simulate_sequence(out_dir, n_frames: int = 20, seed: int = 0, realism: str =
                       labelmap=None, femur_label: int = 5, tibia_label: int = 6, femur_mesh=None, tibia_mesh=None,
                       mesh_coordinate_system: str = "auto", mesh_units: str = "mm", max_flexion_deg: float = 60.0,
                       geometry: CArmGeometry | None = None, progress: bool = True, overwrite: bool = False,
-                      phantom_voxel_mm: float = 0.6, fluoro_strength: float = 1.0) -> dict:
+                      phantom_voxel_mm: float = 0.6, fluoro_strength: float = 1.0,
+                      fluoro_effects_per: str = "frame") -> dict:
     from . import calibration_io, frames_io, pose_io
     from .render import TwoBoneRenderer, bone_outside_view
 
     if realism not in ("none", "fluoro"):
         raise InputError("--realism", f"must be 'none' or 'fluoro', not {realism!r}")
+    if fluoro_effects_per not in ("frame", "sequence"):
+        raise InputError("--effects-per", f"must be 'frame' or 'sequence', not {fluoro_effects_per!r}")
     if n_frames < 1:
         raise InputError("--frames", "must be at least 1")
     out_dir = Path(out_dir)
@@ -123,7 +126,12 @@ def simulate_sequence(out_dir, n_frames: int = 20, seed: int = 0, realism: str =
             else:
                 from .fluoro_sim import simulate_fluoroscopy
 
-                frames.append(np.clip(simulate_fluoroscopy(li, rng, strength=fluoro_strength) * 255.0, 0, 255))
+                if fluoro_effects_per == "sequence":  # one scene for the sequence, fresh noise per frame
+                    image = simulate_fluoroscopy(li, np.random.default_rng(seed + 11), strength=fluoro_strength,
+                                                 noise_rng=rng)
+                else:  # every effect drawn again for every frame (harsher than a real sequence)
+                    image = simulate_fluoroscopy(li, rng, strength=fluoro_strength)
+                frames.append(np.clip(image * 255.0, 0, 255))
 
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -144,7 +152,8 @@ def simulate_sequence(out_dir, n_frames: int = 20, seed: int = 0, realism: str =
     info = {"n_frames": n_frames, "seed": seed, "realism": realism, "image_size": list(geometry.image_size),
             "subject": description, "clean_drr_counts_per_mm": CLEAN_DRR_COUNTS_PER_MM,
             "polarity": "drr" if realism == "none" else "xray",
-            "fluoro_strength": fluoro_strength if realism == "fluoro" else None, "seconds": round(time.time() - t0, 2)}
+            "fluoro_strength": fluoro_strength if realism == "fluoro" else None,
+            "fluoro_effects_per": fluoro_effects_per if realism == "fluoro" else None, "seconds": round(time.time() - t0, 2)}
     (tmp / "simulation.json").write_text(json.dumps(info, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -88,6 +88,37 @@ def test_strength_zero_is_nearly_clean(li):
     assert np.abs(out - clean_drr_target(li)).max() < 1e-2
 
 
+def test_one_scene_with_fresh_noise_per_frame(li):
+    """A scene generator seeded alike for every frame (``simulate --effects-per sequence``) keeps exposure,
+    tissue, objects and field; only the pixel noise changes. Another scene differs far more."""
+    a = simulate_fluoroscopy(li, np.random.default_rng(5), noise_rng=np.random.default_rng(1))
+    b = simulate_fluoroscopy(li, np.random.default_rng(5), noise_rng=np.random.default_rng(2))
+    other_scene = simulate_fluoroscopy(li, np.random.default_rng(6), noise_rng=np.random.default_rng(1))
+    noise_only = float(np.abs(a - b).mean())
+    assert 0.0 < noise_only < 0.2 * float(np.abs(a - other_scene).mean()), (noise_only, np.abs(a - other_scene).mean())
+
+
+@pytest.mark.parametrize("effects_per", ["frame", "sequence"])
+def test_a_simulated_sequence_keeps_or_redraws_its_scene(tmp_path, effects_per):
+    """The intensifier's circular field (drawn with the scene) stays put across a "sequence" simulation and
+    moves or resizes across a "frame" one."""
+    from Fluoro2DRRLib.frames_io import load_frames
+    from Fluoro2DRRLib.simulate import simulate_sequence
+
+    info = simulate_sequence(tmp_path / "sim", n_frames=3, seed=4, realism="fluoro", image_size=64, progress=False,
+                             phantom_voxel_mm=1.5, fluoro_effects_per=effects_per)
+    assert info["fluoro_effects_per"] == effects_per
+    frames = load_frames(tmp_path / "sim" / "frames").frames.astype(np.float32)
+    outside = frames < 0.05 * 255  # the dark surround of the field
+    changed = max(float(np.mean(outside[k] != outside[0])) for k in range(1, len(frames)))
+    if effects_per == "sequence":
+        assert changed < 0.005, changed
+    else:
+        assert changed > 0.02, changed
+    with pytest.raises(InputError, match="effects-per"):
+        simulate_sequence(tmp_path / "bad", n_frames=1, realism="fluoro", fluoro_effects_per="scene")
+
+
 # ------------------------------------------------------------------------------ networks
 def test_stage1_shapes():
     g = UNetGenerator(base=4, depth=3, max_ch=16).eval()
