@@ -110,9 +110,14 @@ class RegistrationSettings:
     # from the neighbours' motion carries that motion's pose instead, noted "not measured": on such frames the
     # raw and the translated frame both explained a wrong pose better than the true one (seed 24 frame 5:
     # registered 28 mm / 64 deg off, the interpolation 0.8 mm / 0.6 deg), so a pose far off the motion is the
-    # worse guess. False keeps the registered poses.
+    # worse guess. Unless the frame contradicts that motion: when the motion's pose explains the registered
+    # image more than fill_max_dissimilarity_ratio times worse (dissimilarity) than the frame's own pose, a
+    # good-looking neighbour may be the wrong one and the frame keeps its pose (measured: 1.11 and 1.20 on the
+    # two fills above that helped, 1.71 on one that would have copied a neighbour 29 deg off).
+    # False keeps the registered poses.
     fill_failed_frames: bool = True
     fill_rotation_deg: float = 15.0
+    fill_max_dissimilarity_ratio: float = 1.5
     # fluoroscopy frames (raw or translated), after each good frame's registration: restarts from the pose with
     # every bone turned by this many degrees about each of the two axes across the beam (4 starts, refined with
     # the tracking settings); the best is kept when its dissimilarity is below (1 - restart_min_gain) x the
@@ -1067,11 +1072,18 @@ def _bridge_failed_frames(frames, poses, by_frame, registrar: Registrar, transla
         elif settings.fill_failed_frames:
             off = [nm for nm in names if not _same_place(old_pose, start, registrar, settings.bridge_in_plane_mm,
                                                          settings.fill_rotation_deg, names=(nm,))]
-            for nm in off:
-                poses[nm][i] = start[nm]
             if off:
-                _add_note(q, f"{', '.join(off)} pose {how} {where} (its registration was off the motion; "
-                             f"not measured)")
+                filled = {nm: start[nm] if nm in off else old_pose[nm] for nm in names}
+                own, motion_sim = registrar.similarities_at(image, fov, [old_pose, filled], info["polarity"])
+                ratio = (1.0 - motion_sim) / max(1.0 - own, 1e-6)
+                if ratio <= settings.fill_max_dissimilarity_ratio:
+                    for nm in off:
+                        poses[nm][i] = start[nm]
+                    _add_note(q, f"{', '.join(off)} pose {how} {where} (its registration was off the motion; "
+                                 f"not measured)")
+                else:
+                    _add_note(q, f"left as registered: the frame contradicts its neighbours' motion "
+                                 f"({ratio:.1f}x the dissimilarity)")
         yield i, bridged
 
 
