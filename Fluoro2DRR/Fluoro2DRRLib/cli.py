@@ -27,7 +27,7 @@ def _add_simulate(sub):
                    help="with --realism fluoro: strength of every effect (0 clean .. 1 default .. >1 harsher)")
     p.add_argument("--effects-per", choices=["frame", "sequence"], default="frame",
                    help="with --realism fluoro: draw the effects (exposure, soft tissue, wires, markers, the "
-                        "intensifier's field) again for every frame (default; harsher than a real sequence), or "
+                        "intensifier's field) again for every frame (default, as in the benchmarks so far), or "
                         "once for the sequence with fresh noise per frame (one C-arm setting, as in a real trial)")
     p.add_argument("--labelmap", help="label map (NRRD/NIfTI/...) with femur and tibia labels")
     p.add_argument("--femur-label", type=int, default=5)

@@ -129,7 +129,7 @@ def simulate_sequence(out_dir, n_frames: int = 20, seed: int = 0, realism: str =
                 if fluoro_effects_per == "sequence":  # one scene for the sequence, fresh noise per frame
                     image = simulate_fluoroscopy(li, np.random.default_rng(seed + 11), strength=fluoro_strength,
                                                  noise_rng=rng)
-                else:  # every effect drawn again for every frame (harsher than a real sequence)
+                else:  # every effect drawn again for every frame (not how a real trial looks; the default)
                     image = simulate_fluoroscopy(li, rng, strength=fluoro_strength)
                 frames.append(np.clip(image * 255.0, 0, 255))
 
