@@ -481,3 +481,46 @@ def write_mesh(path, points_mm: np.ndarray, triangles: np.ndarray, coordinate_sy
 
 def write_bones_json(path, bones: dict[str, BoneModel]) -> None:
     Path(path).write_text(json.dumps({name: b.summary() for name, b in bones.items()}, indent=2))
+
+
+@dataclass
+class KneeJoint:
+    """Where femur and tibia meet, as segmented: the point midway in the joint space, in each bone's frame.
+
+    Femur and tibia segmented from one scan (a label map, a CT + segmentation, meshes exported together)
+    share the scan's frame, so their surfaces there form the knee as scanned. At any pose the two copies of
+    the point, ``world_from_femur @ centre_femur_mm`` and ``world_from_tibia @ centre_tibia_mm``, stay
+    close: flexion moves them apart within the sagittal plane (the condyles roll and glide on the plateau,
+    up to a few cm at deep flexion), while across it (mediolateral) they stay within a few mm.
+    """
+    centre_femur_mm: np.ndarray  # (3,) femur frame
+    centre_tibia_mm: np.ndarray  # (3,) tibia frame
+    scanned_gap_mm: float  # the bones' closest approach as scanned
+    tibia_in_femur: np.ndarray  # 4x4 femur_from_tibia as scanned
+
+
+def knee_joint(femur: BoneModel, tibia: BoneModel, band_mm: float = 6.0, max_gap_mm: float = 15.0,
+               max_points: int = 20000) -> KneeJoint | None:
+    """The :class:`KneeJoint` of two bone models, or None when their surfaces (in the frame they were loaded
+    in) do not meet within ``max_gap_mm``: bones from different scans, or meshes centred each on its own
+    origin, carry no joint. The centre is the mean of both surfaces' points within ``band_mm`` of their
+    closest approach."""
+    from scipy.spatial import cKDTree
+
+    if femur.surface_points_mm is None or tibia.surface_points_mm is None:
+        return None
+    pts = []
+    for bone in (femur, tibia):
+        p = bone.surface_points_mm[::max(1, len(bone.surface_points_mm) // max_points)]
+        pts.append(apply_transform(bone.file_from_bone, p))
+    to_tibia, _ = cKDTree(pts[1]).query(pts[0])
+    to_femur, _ = cKDTree(pts[0]).query(pts[1])
+    gap = float(min(to_tibia.min(), to_femur.min()))
+    if gap > max_gap_mm:
+        return None
+    centre_file = np.concatenate([pts[0][to_tibia < gap + band_mm], pts[1][to_femur < gap + band_mm]]).mean(0)
+    femur_from_file = rigid_inverse(femur.file_from_bone)
+    tibia_from_file = rigid_inverse(tibia.file_from_bone)
+    return KneeJoint(apply_transform(femur_from_file, centre_file[None])[0],
+                     apply_transform(tibia_from_file, centre_file[None])[0], gap,
+                     femur_from_file @ tibia.file_from_bone)

@@ -111,6 +111,10 @@ def add_register_arguments(p):
                    help="keep a failed frame's registered pose even when it is far off its good neighbours' "
                         "motion (default: such a bone carries their interpolated pose, still flagged failed, "
                         "noted 'not measured')")
+    p.add_argument("--no-joint-prior", action="store_true",
+                   help="let each bone's depth rest on its own outline (default: femur and tibia segmented from "
+                        "one scan are kept together along the beam at their joint, where a single view measures "
+                        "depth worst; bones that do not meet as loaded get no prior)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--pixel-spacing", type=float, default=None,

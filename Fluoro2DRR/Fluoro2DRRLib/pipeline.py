@@ -111,6 +111,22 @@ def _read_previous(out_dir: Path, fingerprint: str, names) -> tuple[dict | None,
     return {k: previous[k][:done] for k in names}, quality, done, report.get("status")
 
 
+def _knee_joint_report(registrar, progress: bool) -> dict:
+    """What the registration knows of the knee joint (report.json), said once on the console when it has none."""
+    joint = registrar.joint
+    if joint is not None:
+        return {"prior": "on", "scanned_gap_mm": round(joint.scanned_gap_mm, 2),
+                "centre_femur_mm": [round(float(v), 2) for v in joint.centre_femur_mm],
+                "centre_tibia_mm": [round(float(v), 2) for v in joint.centre_tibia_mm]}
+    if registrar.settings.joint_prior_weight <= 0 or len(registrar.names) < 2:
+        return {"prior": "off"}
+    reason = ("femur and tibia do not meet as loaded (segmented from different scans, or each centred on its own "
+              "origin?): no knee-joint prior, each bone's depth rests on its own outline")
+    if progress:
+        print(f"note: {reason}")
+    return {"prior": "off", "reason": reason}
+
+
 def run_registration(frames, geometry, bones: dict, out_dir, init_poses=None, translation="none",
                      device="auto", polarity="auto", resume=False, settings=None, progress=True,
                      inputs_description: dict | None = None, default_poses: dict | None = None):
@@ -169,6 +185,8 @@ def run_registration(frames, geometry, bones: dict, out_dir, init_poses=None, tr
     revisit = settings.revisit_weak_frames and n > 1 and not (start == n and previous_status == "complete")
     try:
         registrar = Registrar(geometry, bones, settings, device) if start < n or revisit else None
+        if registrar is not None:
+            writer.report["knee_joint"] = _knee_joint_report(registrar, progress)
         translated = None
         if translator is not None and start < n:
             translated = np.zeros(np.shape(frames), np.float32)
@@ -251,6 +269,8 @@ def register_command(args) -> None:
             raise InputError("--restart-deg", f"{restart_deg} is not between 0 (off) and 30 degrees")
         settings.restart_rotation_deg = float(restart_deg)
     settings.fill_failed_frames = not getattr(args, "no_fill", False)
+    if getattr(args, "no_joint_prior", False):
+        settings.joint_prior_weight = 0.0
     description = {"frames": str(args.frames), "calibration": str(args.calibration), "femur": args.femur,
                    "tibia": args.tibia, "ct": args.ct, "labels": args.labels}
     result = run_registration(stack.frames, geometry, bones, args.out, init or None, args.translation, args.device,

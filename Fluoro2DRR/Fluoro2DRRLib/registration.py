@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .bones import BoneModel
+from .bones import BoneModel, knee_joint
 from .errors import InputError
 from .fluoro_sim import TARGET_LI_SCALE
 from .geometry import CArmGeometry, apply_transform
@@ -130,6 +130,21 @@ class RegistrationSettings:
     # (0.27 deg on the same sequence); 0 turns it off; it costs 4 tracking-sized registrations per frame.
     restart_rotation_deg: float = 6.0
     restart_min_gain: float = 0.03
+    # knee joint prior: a single view measures a bone's depth (along the beam) only through its magnification,
+    # weakly, so a bone can sit tens of mm too close to the source and still match its outline (the automatic
+    # start put a tibia 27 mm off and tracking carried 20-50 mm). Femur and tibia segmented from one scan carry
+    # their joint (bones.knee_joint): across the beam the two copies of its centre separate with flexion (in
+    # the image, measured there), along the beam they stay together within joint_depth_tolerance_mm plus
+    # joint_depth_per_in_plane x their in-plane separation (an oblique view shows part of the sagittal roll-back
+    # along the beam), and in all directions they stay within joint_max_separation_mm (the centre is where the
+    # bones met as scanned; deep flexion rolls and turns it some 40 mm apart; a tibia template that locked onto
+    # the other leg or the femur's shaft puts it 100 mm or more apart). Beyond either, every mm costs
+    # joint_prior_weight x excess^2 in the objective (similarity lies in [-1, 1]: 10 mm beyond costs 0.1).
+    # 0 turns it off; bones that do not meet as loaded carry no joint and no prior.
+    joint_prior_weight: float = 1e-3
+    joint_depth_tolerance_mm: float = 5.0
+    joint_depth_per_in_plane: float = 0.5
+    joint_max_separation_mm: float = 60.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -344,6 +359,12 @@ class Registrar:
             self.levels.append(TwoBoneRenderer(g, level_bones, kind, device=self.device,
                                                compile_renderer=s.compile_renderer))
         self.centroids_bone = {n: bones[n].centroid_mm for n in self.names}
+        self.joint = (knee_joint(bones["femur"], bones["tibia"])
+                      if len(self.names) == 2 and s.joint_prior_weight > 0 else None)
+        if self.joint is not None:
+            self._joint_centres = torch.as_tensor(np.stack([self.joint.centre_femur_mm, self.joint.centre_tibia_mm]),
+                                                  dtype=torch.float32, device=self.device)  # (2, 3) bone frames
+            self._beam = torch.as_tensor(geometry.beam_direction_world, dtype=torch.float32, device=self.device)
         self.highpass = 0.0  # set per frame from its polarity
         self.target_space = False  # translated frames compared in the networks' output space (per frame)
 
@@ -360,6 +381,26 @@ class Registrar:
         c = torch.as_tensor(np.stack([self.centroids_bone[n] for n in self.names]), dtype=poses.dtype,
                             device=poses.device)
         return (poses[..., :3, :3] @ c.unsqueeze(-1)).squeeze(-1) + poses[..., :3, 3]
+
+    def joint_excess_mm(self, poses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 2, 4, 4) -> ((B,), (B,)): how far (mm) the joint centre's two copies lie apart beyond their
+        tolerances, along the beam and in all directions (0 within them, and always 0 without a joint)."""
+        if self.joint is None:
+            zero = torch.zeros(poses.shape[0], dtype=poses.dtype, device=poses.device)
+            return zero, zero
+        c = (poses[:, :, :3, :3] @ self._joint_centres.unsqueeze(-1)).squeeze(-1) + poses[:, :, :3, 3]  # (B, 2, 3)
+        apart = c[:, 0] - c[:, 1]
+        along = apart @ self._beam
+        across = torch.sqrt(((apart - along[:, None] * self._beam) ** 2).sum(-1) + 1e-6)
+        s = self.settings
+        depth = F.relu(along.abs() - s.joint_depth_tolerance_mm - s.joint_depth_per_in_plane * across)
+        separation = F.relu(torch.sqrt(along ** 2 + across ** 2) - s.joint_max_separation_mm)
+        return depth, separation
+
+    def joint_penalty(self, poses: torch.Tensor) -> torch.Tensor:
+        """(B, K, 4, 4) -> (B,): the joint prior's cost (added to -similarity)."""
+        depth, separation = self.joint_excess_mm(poses)
+        return self.settings.joint_prior_weight * (depth ** 2 + separation ** 2)
 
     def fixed_levels(self, image: np.ndarray, fov: np.ndarray):
         img = torch.as_tensor(image, dtype=torch.float32, device=self.device)[None, None]
@@ -403,7 +444,7 @@ class Registrar:
             renderer = self.levels[levels[-1]]
             fixed, mask = fixed_levels[levels[-1]]
             sims = similarity(fixed, self._moving(renderer(poses)), mask, self.highpass)
-            best = int(torch.argmax(sims))
+            best = int(torch.argmax(sims - self.joint_penalty(poses)))
         return poses[best:best + 1], float(sims[best]), total_iterations, converged
 
     def _lbfgs(self, renderer, fixed, mask, poses, centre, n_eval, li, tracking=False):
@@ -426,7 +467,8 @@ class Registrar:
             opt.zero_grad()
             w, v = bounded(x)
             current = compose_update(poses, centre, w, v)
-            loss = -similarity(fixed, self._moving(renderer(current)), mask, self.highpass).sum()
+            loss = (self.joint_penalty(current)
+                    - similarity(fixed, self._moving(renderer(current)), mask, self.highpass)).sum()
             if not loss.requires_grad:  # no ray touches any bone: nothing to follow
                 loss = loss + 0.0 * x.sum()
             loss.backward()
@@ -454,7 +496,8 @@ class Registrar:
         for it in range(n_iter):
             opt.zero_grad()
             current = compose_update(poses, centre, w, v)
-            loss = -similarity(fixed, self._moving(renderer(current)), mask, self.highpass).sum()
+            loss = (self.joint_penalty(current)
+                    - similarity(fixed, self._moving(renderer(current)), mask, self.highpass)).sum()
             loss.backward()
             opt.step()
             sched.step()
@@ -518,12 +561,18 @@ class Registrar:
         if len(self.names) == 1:
             return torch.stack(first)[:, None]
         # The tibia: searched over the whole frame around its own default (its template can lock onto the
-        # femur's shaft or the other leg), and near where the default's femur-to-tibia offset puts it relative
-        # to each femur candidate (only right when the defaults form a knee: default_pose places every bone
-        # on the principal ray). Both pairings are refined; the best similarity wins.
+        # femur's shaft or the other leg), and near where the knee as segmented (the joint) puts it relative to
+        # each femur candidate -- without a joint, where the defaults' femur-to-tibia offset puts it (only right
+        # when the defaults form a knee: default_pose places every bone on the principal ray). With a joint,
+        # every tibia candidate also comes slid along its ray to its femur's joint depth (single-view depth is
+        # the weak one). All pairings are refined; the best similarity less the joint penalty wins.
         anywhere = search(1, start[0, 1])
         joint = [torch.stack([f, t]) for f, t in zip(first, anywhere)]
-        relative = torch.linalg.inv(start[0, 0]) @ start[0, 1]
+        if self.joint is not None:  # each pair again with the tibia at the femur's joint depth
+            joint += [torch.stack([f, self._tibia_at_joint_depth(f, t)]) for f, t in zip(first, anywhere)]
+            relative = torch.as_tensor(self.joint.tibia_in_femur, dtype=torch.float32, device=self.device)
+        else:
+            relative = torch.linalg.inv(start[0, 0]) @ start[0, 1]
         source = g.source_position_world
         for femur_pose in first:
             predicted = femur_pose @ relative
@@ -532,8 +581,21 @@ class Registrar:
             depth_mm = float(np.dot(centre - source, g.beam_direction_world))
             window_px = s.auto_joint_window_mm * g.source_to_detector_mm / (depth_mm * g.pixel_spacing_mm[0])
             tibia = search(1, predicted, window_px, keep=1)[0]
+            if self.joint is not None:
+                tibia = self._tibia_at_joint_depth(femur_pose, tibia)
             joint.append(torch.stack([femur_pose, tibia]))
         return torch.stack(joint)  # (n_c, K, 4, 4)
+
+    def _tibia_at_joint_depth(self, femur_pose: torch.Tensor, tibia_pose: torch.Tensor) -> torch.Tensor:
+        """The tibia slid along the ray through its joint centre to the femur's joint centre's depth: its
+        outline keeps its place in the image, only its size changes (4x4 tensors)."""
+        jf = femur_pose[:3, :3] @ self._joint_centres[0] + femur_pose[:3, 3]
+        jt = tibia_pose[:3, :3] @ self._joint_centres[1] + tibia_pose[:3, 3]
+        source = torch.as_tensor(self.geometry.source_position_world, dtype=torch.float32, device=self.device)
+        scale = ((jf - source) @ self._beam) / ((jt - source) @ self._beam)
+        out = tibia_pose.clone()
+        out[:3, 3] += (jt - source) * (scale - 1.0)
+        return out
 
     def _render_single(self, renderer: TwoBoneRenderer, k: int, poses_k: torch.Tensor) -> torch.Tensor:
         """Render bone k alone: poses_k (B, 1, 4, 4) -> (B, 1, h, w)."""

@@ -239,3 +239,21 @@ def test_cut_face_is_found_and_left_without_cortex(femur):
     # the cut section is cancellous like the shaft's core; the natural end keeps its cortex
     assert density[near_cut].mean() == pytest.approx(density[mid_shaft].mean(), abs=0.05)
     assert density[near_round_end].mean() > density[mid_shaft].mean() + 0.3
+
+
+def test_the_knee_joint_is_where_the_bones_meet_as_scanned():
+    """Two spheres 4 mm apart stand in for femur and tibia, the tibia in a bone frame of its own (centred on
+    it; its file frame puts it below the femur): the centre lies midway in the gap, the same point of the file
+    frame in both bone frames; bones that do not meet, or have no surface, carry no joint."""
+    femur = B.bone_from_polydata(vtk_sphere(20.0, centre=(0.0, 0.0, 22.0)), "femur", voxel_mm=1.0)
+    file_from_tibia = np.eye(4)
+    file_from_tibia[:3, 3] = [0.0, 0.0, -22.0]
+    tibia = B.bone_from_polydata(vtk_sphere(20.0), "tibia", voxel_mm=1.0, file_from_bone=file_from_tibia)
+    joint = B.knee_joint(femur, tibia)
+    assert joint is not None and abs(joint.scanned_gap_mm - 4.0) < 0.3, joint
+    np.testing.assert_allclose(joint.centre_femur_mm, [0.0, 0.0, 0.0], atol=0.3)
+    np.testing.assert_allclose(joint.centre_tibia_mm, joint.centre_femur_mm + [0.0, 0.0, 22.0], atol=1e-9)
+    np.testing.assert_allclose(joint.tibia_in_femur, file_from_tibia, atol=1e-9)
+    file_from_tibia[:3, 3] = [0.0, 0.0, -60.0]  # 42 mm apart: not one knee
+    assert B.knee_joint(femur, B.replace(tibia, file_from_bone=file_from_tibia)) is None
+    assert B.knee_joint(femur, B.replace(tibia, surface_points_mm=None)) is None
