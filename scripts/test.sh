@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 cores=$(nproc 2>/dev/null || echo 1)
 workers=${FLUORO2DRR_TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
-exec .venv/bin/python -m pytest -q -n "$workers" --dist worksteal "$@"
+exec .venv/bin/python -m pytest -q -n "$workers" --dist load "$@"
