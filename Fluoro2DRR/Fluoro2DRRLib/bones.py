@@ -494,9 +494,13 @@ class KneeJoint:
     up to a few cm at deep flexion), while across it (mediolateral) they stay within a few mm.
     """
     centre_femur_mm: np.ndarray  # (3,) femur frame
-    centre_tibia_mm: np.ndarray  # (3,) tibia frame
     scanned_gap_mm: float  # the bones' closest approach as scanned
     tibia_in_femur: np.ndarray  # 4x4 femur_from_tibia as scanned
+
+    @property
+    def centre_tibia_mm(self) -> np.ndarray:
+        """(3,) the same point in the tibia frame."""
+        return apply_transform(rigid_inverse(self.tibia_in_femur), self.centre_femur_mm[None])[0]
 
 
 def knee_joint(femur: BoneModel, tibia: BoneModel, band_mm: float = 6.0, max_gap_mm: float = 15.0,
@@ -520,7 +524,4 @@ def knee_joint(femur: BoneModel, tibia: BoneModel, band_mm: float = 6.0, max_gap
         return None
     centre_file = np.concatenate([pts[0][to_tibia < gap + band_mm], pts[1][to_femur < gap + band_mm]]).mean(0)
     femur_from_file = rigid_inverse(femur.file_from_bone)
-    tibia_from_file = rigid_inverse(tibia.file_from_bone)
-    return KneeJoint(apply_transform(femur_from_file, centre_file[None])[0],
-                     apply_transform(tibia_from_file, centre_file[None])[0], gap,
-                     femur_from_file @ tibia.file_from_bone)
+    return KneeJoint(apply_transform(femur_from_file, centre_file[None])[0], gap, femur_from_file @ tibia.file_from_bone)
