@@ -111,6 +111,10 @@ def add_register_arguments(p):
                    help="keep a failed frame's registered pose even when it is far off its good neighbours' "
                         "motion (default: such a bone carries their interpolated pose, still flagged failed, "
                         "noted 'not measured')")
+    p.add_argument("--no-motion-check", action="store_true",
+                   help="do not flag a frame whose pose is out of line with its neighbours' motion while they are "
+                        "in line with theirs (default: such a frame, however well it scored, is flagged failed "
+                        "and its raw frame registered again from that motion)")
     p.add_argument("--no-joint-prior", action="store_true",
                    help="let each bone's depth rest on its own outline (default: femur and tibia segmented from "
                         "one scan are kept together along the beam at their joint, where a single view measures "

@@ -133,8 +133,8 @@ def run_registration(frames, geometry, bones: dict, out_dir, init_poses=None, tr
     """Register and write results frame by frame. Returns the SequenceResult (poses for every frame)."""
     from tqdm import tqdm
 
-    from .registration import (Registrar, RegistrationSettings, iter_revisit_weak_frames, register_sequence,
-                               translating, weak_frames)
+    from .registration import (Registrar, RegistrationSettings, iter_revisit_weak_frames, off_motion_frames,
+                               register_sequence, translating, weak_frames)
 
     settings = settings or RegistrationSettings()
     out = Path(out_dir)
@@ -198,6 +198,7 @@ def run_registration(frames, geometry, bones: dict, out_dir, init_poses=None, tr
                               translated_frames=translated)
         if revisit and len(all_quality) == n:
             weak = weak_frames(all_quality, settings.revisit_dissimilarity_ratio, settings.lost_dissimilarity_margin)[0]
+            weak = weak or (settings.flag_off_motion_frames and list(off_motion_frames(poses, all_quality, registrar)))
             if weak and translator is not None and translated is None:  # resumed after every frame was done
                 translated = translator.translate(frames)
             bar.close()
@@ -269,6 +270,7 @@ def register_command(args) -> None:
             raise InputError("--restart-deg", f"{restart_deg} is not between 0 (off) and 30 degrees")
         settings.restart_rotation_deg = float(restart_deg)
     settings.fill_failed_frames = not getattr(args, "no_fill", False)
+    settings.flag_off_motion_frames = not getattr(args, "no_motion_check", False)
     if getattr(args, "no_joint_prior", False):
         settings.joint_prior_weight = 0.0
     description = {"frames": str(args.frames), "calibration": str(args.calibration), "femur": args.femur,

@@ -96,6 +96,18 @@ class RegistrationSettings:
     # backwards then forwards; the better-explaining pose is kept (tracking never looks back otherwise)
     revisit_weak_frames: bool = True
     revisit_dissimilarity_ratio: float = 1.5
+    # after the revisits, a good frame that some bone's pose puts off its two neighbours' motion (their
+    # interpolation) by more than off_motion_in_plane_mm across the beam or off_motion_rotation_deg, and
+    # off_motion_ratio times further off than either neighbour lies off its own neighbours' motion (one frame
+    # out of line, not a fast or turning motion: a frame 16 deg off makes each neighbour look 8 deg off), is
+    # flagged failed, so the bridge below registers its raw frame from that motion. Its similarity cannot
+    # tell: with the joint prior keeping the bones together, a tibia turned 16 deg (seed 24 frame 11) scored
+    # as well as its neighbours and tracking neither jumped nor lost it. False: similarity and tracking alone
+    # flag frames.
+    flag_off_motion_frames: bool = True
+    off_motion_in_plane_mm: float = 3.0
+    off_motion_rotation_deg: float = 8.0
+    off_motion_ratio: float = 1.5
     # then a frame still failed between two good frames (at most this many frames apart) is registered on the
     # raw frame from their interpolated pose, and kept when it explains the raw frame better and stays within
     # the tolerances below of that interpolation (a translated frame that wires or a bone at the field's edge
@@ -997,6 +1009,7 @@ def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], q
     (higher similarity on the same image) and clears the similarity floor; a failed frame stays failed unless
     the new pose makes it a good frame (dissimilarity within the weak-frame threshold).
 
+    Then a good frame out of line with its neighbours' motion (:func:`off_motion_frames`) is flagged failed.
     A frame still failed after that, between two good frames or next to one at either end, is bridged on the
     raw frame (:func:`_bridge_failed_frames`), which also clears the flag of a frame whose pose it confirms (a
     search from one neighbour landing where the frame already is does not: that neighbour may share the frame's
@@ -1047,8 +1060,51 @@ def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], q
                 if good_now:
                     weak.discard(i)  # good now: it can seed its own neighbours
             yield i, revised
+    off_motion = off_motion_frames(poses, quality, registrar, is_good) if settings.flag_off_motion_frames else {}
+    for i, what in off_motion.items():  # (among the frames good after the revisits)
+        _add_note(by_frame[i], f"off its neighbours' motion ({what})", failed=True)
     if settings.bridge_failed_frames:
-        yield from _bridge_failed_frames(frames, poses, by_frame, registrar, translated_frames, polarity, is_good)
+        yield from _bridge_failed_frames(frames, poses, by_frame, registrar, translated_frames, polarity, is_good,
+                                         set(off_motion))
+
+
+def _off_motion(i: int, poses: dict[str, np.ndarray], registrar: Registrar) -> tuple[float, str]:
+    """How far frame ``i``'s pose lies off the interpolation of frames ``i - 1`` and ``i + 1``, in units of the
+    settings' off_motion tolerances (the worst bone, the worst of in-plane and rotation), and where, in words."""
+    s = registrar.settings
+    worst, what = 0.0, ""
+    for nm in registrar.names:
+        motion = interpolate_pose(poses[nm][i - 1], poses[nm][i + 1], 0.5, registrar.centroids_bone[nm])
+        in_plane = _in_plane_mm(motion, poses[nm][i], registrar, nm)
+        turned = _rotation_deg(motion, poses[nm][i])
+        score = max(in_plane / s.off_motion_in_plane_mm, turned / s.off_motion_rotation_deg)
+        if score > worst:
+            worst, what = score, f"{nm} {in_plane:.1f} mm across the beam, {turned:.1f} deg"
+    return worst, what
+
+
+def off_motion_frames(poses: dict[str, np.ndarray], quality: list[dict], registrar: Registrar,
+                      usable=None) -> dict[int, str]:
+    """Frames out of line with their neighbours' motion (``RegistrationSettings.flag_off_motion_frames``):
+    frame -> which bone, how far, in words. Only a frame whose two nearest frames on either side are ``usable``
+    (default: not failed, finite poses) is judged: each neighbour must itself lie off its own neighbours' motion
+    ``off_motion_ratio`` times less than the frame does (a frame next to the sequence's end or a failed frame
+    cannot show that the neighbour is the one in line)."""
+    names = registrar.names
+    if usable is None:
+        by_frame = {int(q["frame"]): q for q in quality}
+
+        def usable(j):
+            q = by_frame.get(j)
+            return q is not None and not q.get("failed", False) and _finite({nm: poses[nm][j] for nm in names})
+
+    n = len(poses[names[0]])
+    ok = [usable(j) for j in range(n)]
+    off = {i: _off_motion(i, poses, registrar) for i in range(1, n - 1) if ok[i - 1] and ok[i] and ok[i + 1]}
+    s = registrar.settings
+    return {i: off[i][1] for i in range(2, n - 2)
+            if i in off and i - 1 in off and i + 1 in off and off[i][0] > 1.0
+            and off[i][0] > s.off_motion_ratio * max(off[i - 1][0], off[i + 1][0])}
 
 
 def _finite(poses: dict[str, np.ndarray]) -> bool:
@@ -1092,12 +1148,15 @@ def _motion_start(i: int, poses, registrar: Registrar, good: list[int], is_good,
             f"from frame {side}'s motion", "extrapolated")
 
 
-def _bridge_failed_frames(frames, poses, by_frame, registrar: Registrar, translated_frames, polarity, is_good):
+def _bridge_failed_frames(frames, poses, by_frame, registrar: Registrar, translated_frames, polarity, is_good,
+                          off_motion: set[int] = frozenset()):
     """Frames still failed next to good frames: registered on the raw frame from the neighbours' motion
     (:func:`_motion_start`: interpolated between good frames, or extrapolated at either end); kept when the raw
     frame's similarity rises and the pose stays within ``bridge_in_plane_mm`` / ``bridge_rotation_deg`` of
     the motion (see RegistrationSettings). When it lands within that of the motion and where the frame already
-    is (:func:`_same_place`), the frame's pose is confirmed: its "failed" flag is cleared. Otherwise, with
+    is (:func:`_same_place`), the frame's pose is confirmed: its "failed" flag is cleared -- for a frame flagged
+    only for lying off that motion (``off_motion``), wherever the motion is: the raw frame, started from the
+    motion, going back to the frame's pose says the motion changed there (a real jolt). Otherwise, with
     ``fill_failed_frames``, each bone whose pose is far off the motion carries the motion's pose (still failed)."""
     settings, names = registrar.settings, registrar.names
     n = len(frames)
@@ -1127,9 +1186,10 @@ def _bridge_failed_frames(frames, poses, by_frame, registrar: Registrar, transla
             _record_new_pose(q, f"bridged on the raw frame {where} (raw similarity {old_raw:.3f} -> {new_raw:.3f})",
                              registrar.similarity_at(image, fov, result, info["polarity"]),  # on the registered image
                              iters, conv, t0)
-        elif near_motion and _same_place(old_pose, result, registrar):
+        elif (near_motion or i in off_motion) and _same_place(old_pose, result, registrar):
             # the raw frame, started from the neighbours' motion, lands where the frame already is: its pose is
-            # right (a noisy or confused translated frame only lowered its similarity)
+            # right (a noisy or confused translated frame only lowered its similarity; or, for a frame flagged
+            # off the motion, the motion really changed there)
             _add_note(q, f"confirmed on the raw frame {where}", failed=False)
         elif settings.fill_failed_frames:
             off = [nm for nm in names if not _same_place(old_pose, start, registrar, settings.bridge_in_plane_mm,
@@ -1157,12 +1217,16 @@ def _same_place(a: dict[str, np.ndarray], b: dict[str, np.ndarray], registrar: R
     names = registrar.names if names is None else names
     if not _finite({n: a[n] for n in names}):
         return False
+    return all(_in_plane_mm(a[n], b[n], registrar, n) <= in_plane_mm and _rotation_deg(a[n], b[n]) <= rotation_deg
+               for n in names)
+
+
+def _in_plane_mm(a: np.ndarray, b: np.ndarray, registrar: Registrar, name: str) -> float:
+    """How far (mm) pose ``b`` puts bone ``name``'s centroid from where pose ``a`` puts it, across the ray
+    from the source through ``a``'s (what the image measures; depth along the ray it barely does)."""
+    c = np.r_[registrar.centroids_bone[name], 1.0]
+    ca, cb = (a @ c)[:3], (b @ c)[:3]
     source = registrar.geometry.source_position_world
-    for n in names:
-        c = np.r_[registrar.centroids_bone[n], 1.0]
-        ca, cb = (a[n] @ c)[:3], (b[n] @ c)[:3]
-        ray = (ca - source) / np.linalg.norm(ca - source)
-        d = cb - ca
-        if np.linalg.norm(d - (d @ ray) * ray) > in_plane_mm or _rotation_deg(a[n], b[n]) > rotation_deg:
-            return False
-    return True
+    ray = (ca - source) / np.linalg.norm(ca - source)
+    d = cb - ca
+    return float(np.linalg.norm(d - (d @ ray) * ray))

@@ -189,5 +189,5 @@ def test_register_help_shows_the_interface(capsys):
     text = capsys.readouterr().out
     for flag in ("--frames", "--calibration", "--femur", "--tibia", "--ct", "--labels", "--femur-label",
                  "--tibia-label", "--init-femur", "--init-tibia", "--translation", "--device", "--resume", "--out",
-                 "--restart-deg", "--no-fill", "--no-joint-prior"):
+                 "--restart-deg", "--no-fill", "--no-motion-check", "--no-joint-prior"):
         assert flag in text

@@ -16,7 +16,7 @@ from Fluoro2DRRLib.evaluate import pose_errors
 from Fluoro2DRRLib.frames_io import load_frames
 from Fluoro2DRRLib.geometry import CArmGeometry
 from Fluoro2DRRLib.registration import (Registrar, RegistrationSettings, interpolate_pose, iter_revisit_weak_frames,
-                                        outlier_weights,
+                                        off_motion_frames, outlier_weights,
                                         polish_on_raw_frame, prepare_frame, prepare_frame_and_translation,
                                         register_sequence)
 from Fluoro2DRRLib.render import TwoBoneRenderer
@@ -587,6 +587,74 @@ def test_a_revisit_that_leaves_a_failed_frame_weak_does_not_clear_its_flag(seque
     assert 1.0 - quality[1]["similarity"] > 5 * (1.0 - quality[0]["similarity"]), quality  # still weak on its image
     for n, e in errors({n: poses[n][1] for n in truth}, truth, bones, geometry, 1).items():
         assert e["in_plane_mm"] < 0.3 and e["rotation_deg"] < 1.0, (n, e)
+
+
+def test_a_frame_out_of_line_with_its_neighbours_motion_is_flagged_and_bridged(sequence):
+    """Frame 2's tibia turned 20 deg about its long axis, and a translated frame that shows it so (the networks
+    fooled: on the benchmark's seed 24 frame 11 the translated frame scored a tibia 16 deg off as well as its
+    neighbours, and the joint prior kept tracking from jumping): its similarity is as good as its neighbours',
+    so nothing else flags it. Its pose is out of line with frames 1 and 3, which are in line with theirs (each
+    10 deg off, half as far: the spike's own doing), so the second pass flags it and the bridge registers its
+    raw frame from the neighbours' motion: back to the truth. When the raw frame shows the turn too (a real
+    jolt; here 12 deg), the bridge goes back to the frame's pose and confirms it. At the true poses nothing is
+    flagged; turned off, the wrong pose stays."""
+    from Fluoro2DRRLib.fluoro_sim import clean_drr_target
+    from Fluoro2DRRLib.render import render_numpy
+    from Fluoro2DRRLib.simulate import CLEAN_DRR_COUNTS_PER_MM
+
+    out, geometry, bones, _, _ = sequence
+    truth = {n: p[:5] for n, p in pose_io.read_poses_csv(out / "truth" / "poses.csv").items()}
+    frames = load_frames(out / "frames").frames[:5].astype(np.float32)  # two frames on either side of frame 2
+    tibia_points = bones["tibia"].surface_points_mm
+    long_axis = np.linalg.eigh(np.cov((tibia_points - tibia_points.mean(0)).T))[1][:, -1]
+    centroid = bones["tibia"].centroid_mm
+    registrar = Registrar(geometry, bones, small_settings())
+
+    def turned(deg):
+        turn = np.eye(4)
+        turn[:3, :3] = Rotation.from_rotvec(np.radians(deg) * long_axis).as_matrix()
+        turn[:3, 3] = centroid - turn[:3, :3] @ centroid  # about the tibia's own centroid
+        pose = {"femur": truth["femur"][2], "tibia": truth["tibia"][2] @ turn}
+        drawn = render_numpy(geometry, [bones[n] for n in truth], np.stack([pose[n] for n in truth])[None])[0]
+        return pose, drawn.sum(0)
+
+    translated = np.stack([clean_drr_target(f / CLEAN_DRR_COUNTS_PER_MM) for f in frames])  # perfect networks
+    at_truth = {n: truth[n].copy() for n in truth}
+    prepared = [prepare_frame_and_translation(f, t, "drr")[1] for f, t in zip(frames, translated)]
+    assert off_motion_frames(at_truth, _quality_flagging(registrar, prepared, at_truth), registrar) == {}
+
+    for flag, deg, raw_shows_it in ((False, 20.0, False), (True, 20.0, False), (True, 12.0, True)):
+        registrar.settings.flag_off_motion_frames = flag
+        wrong, line_integrals = turned(deg)
+        seen, raw = translated.copy(), frames.copy()
+        seen[2] = clean_drr_target(line_integrals)  # the networks show frame 2 turned
+        if raw_shows_it:
+            raw[2] = np.clip(line_integrals * CLEAN_DRR_COUNTS_PER_MM, 0, 65535)
+        poses = {n: truth[n].copy() for n in truth}
+        poses["tibia"][2] = wrong["tibia"]
+        quality = _quality_flagging(registrar, [prepare_frame_and_translation(f, t, "drr")[1]
+                                                for f, t in zip(raw, seen)], poses)
+        sims = [q["similarity"] for q in quality]
+        assert sims[2] > min(sims[:2] + sims[3:]) - 0.002, sims  # the wrong pose scores as well as its neighbours
+        tried = list(iter_revisit_weak_frames(raw, poses, quality, registrar, seen))
+        note = quality[2]["note"]
+        assert not any(q["failed"] or q["note"] for k, q in enumerate(quality) if k != 2), quality
+        for n in truth:
+            np.testing.assert_array_equal(np.delete(poses[n], 2, 0), np.delete(truth[n], 2, 0))
+        if not flag:
+            assert tried == [] and not quality[2]["failed"], (tried, quality[2])
+            np.testing.assert_array_equal(poses["tibia"][2], wrong["tibia"])
+            continue
+        assert note.startswith("off its neighbours' motion (tibia ") and not quality[2]["failed"], note
+        if raw_shows_it:
+            assert tried == [(2, False)] and note.endswith("; confirmed on the raw frame between frames 1 and 3"), \
+                (tried, note)
+            np.testing.assert_array_equal(poses["tibia"][2], wrong["tibia"])
+            continue
+        assert tried == [(2, True)] and "; bridged on the raw frame between frames 1 and 3 (raw similarity" in note, \
+            (tried, note)
+        for n, e in errors({n: poses[n][2] for n in truth}, truth, bones, geometry, 2).items():
+            assert e["in_plane_mm"] < 0.3 and e["rotation_deg"] < 1.0, (n, e)
 
 
 def test_a_polish_that_the_translated_frame_disagrees_with_is_dropped(sequence):
