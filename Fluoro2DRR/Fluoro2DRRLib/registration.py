@@ -1060,8 +1060,10 @@ def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], q
                 if good_now:
                     weak.discard(i)  # good now: it can seed its own neighbours
             yield i, revised
-    off_motion = off_motion_frames(poses, quality, registrar, is_good) if settings.flag_off_motion_frames else {}
-    for i, what in off_motion.items():  # (among the frames good after the revisits)
+    # (judged among the frames not failed after the revisits: a frame still weak on its image is a registered
+    # pose all the same, and its motion counts -- seed 22 frame 6, 12 deg off, has a weak frame two away)
+    off_motion = off_motion_frames(poses, quality, registrar) if settings.flag_off_motion_frames else {}
+    for i, what in off_motion.items():
         _add_note(by_frame[i], f"off its neighbours' motion ({what})", failed=True)
     if settings.bridge_failed_frames:
         yield from _bridge_failed_frames(frames, poses, by_frame, registrar, translated_frames, polarity, is_good,
@@ -1192,8 +1194,10 @@ def _bridge_failed_frames(frames, poses, by_frame, registrar: Registrar, transla
             # off the motion, the motion really changed there)
             _add_note(q, f"confirmed on the raw frame {where}", failed=False)
         elif settings.fill_failed_frames:
-            off = [nm for nm in names if not _same_place(old_pose, start, registrar, settings.bridge_in_plane_mm,
-                                                         settings.fill_rotation_deg, names=(nm,))]
+            # "far off": for a frame flagged for lying off the motion, as far as flagged it
+            far_mm, far_deg = ((settings.off_motion_in_plane_mm, settings.off_motion_rotation_deg) if i in off_motion
+                               else (settings.bridge_in_plane_mm, settings.fill_rotation_deg))
+            off = [nm for nm in names if not _same_place(old_pose, start, registrar, far_mm, far_deg, names=(nm,))]
             if off:
                 filled = {nm: start[nm] if nm in off else old_pose[nm] for nm in names}
                 own, motion_sim = registrar.similarities_at(image, fov, [old_pose, filled], info["polarity"])
