@@ -281,9 +281,9 @@ def test_a_dense_structure_outside_the_bone_models_is_down_weighted(clean):
 def test_one_polarity_for_the_whole_sequence(fluoro):
     """A raw frame whose vignetting darkens the field's periphery is called a DRR on its own; registered that
     way (upside down) it walks off (14-16 mm, 11-15 deg). In a sequence it takes the sequence's polarity and
-    registers: within the benchmark's success line (1 mm in-plane) and 5 deg. Without the raw frame's
-    re-weighting (off here) the tibia's last millimetre and degrees rest on a few pixels and on the CPU's
-    floating point: 0.59 mm / 3.8 deg on one machine, < 0.5 mm / 2 deg on another."""
+    registers, with the raw frame's re-weighting as a sequence gets it: without it the tibia's last millimetre
+    and degrees rest on a few pixels and on the CPU's floating point (0.59 mm / 3.8 deg on one machine, < 0.5 mm
+    / 2 deg on another)."""
     _, geometry, bones, truth, frames = fluoro
     frames = frames.copy()
     h, w = frames.shape[1:]
@@ -299,10 +299,11 @@ def test_one_polarity_for_the_whole_sequence(fluoro):
     # frame 0 starts at its truth: tracking-sized iterations suffice (the test's budget)
     registrar.settings.lost_dissimilarity_ratio = 100.0
     registrar.settings.start_iterations = registrar.settings.track_iterations
+    registrar.settings.outlier_rounds = RegistrationSettings().outlier_rounds  # the product's, for the sequence
     result = register_sequence(frames[:2], geometry, bones, init_poses={n: truth[n][:1] for n in truth},
                                registrar=registrar, settings=registrar.settings)
     for n, e in errors({n: result.poses[n][1] for n in truth}, truth, bones, geometry, 1).items():
-        assert e["in_plane_mm"] < 1.0 and e["rotation_deg"] < 5.0, (n, e)
+        assert e["in_plane_mm"] < 0.5 and e["rotation_deg"] < 2.0, (n, e)
 
 
 def test_automatic_start_from_far_default(clean, two_threads):
