@@ -62,6 +62,11 @@ class RegistrationSettings:
     auto_depth_offsets_mm: tuple[float, ...] = (-50.0, -25.0, 0.0, 25.0, 50.0)
     auto_candidates: int = 3  # best coarse candidates per bone; 2x this many (femur, tibia) pairs refined
     auto_joint_window_mm: float = 60.0  # the tibia is searched this far around where the default knee puts it
+    # the automatic start's (femur, tibia) pairs kept after each level but the last, the best by similarity less
+    # the joint penalty on that level (0 or None: all). The 64 px level cannot rank them (on seed 24's first
+    # frame the pair that won at 256 px ranked 8th of 9 there, all within 0.01 similarity); the 128 px level put
+    # the winner 1st-3rd on three benchmark first frames. The finest level costs most per pair.
+    auto_candidates_kept_per_level: tuple[int, ...] | None = (0, 3)
     # tracking
     # a frame is "lost" when its dissimilarity (1 - similarity) exceeds this many times the recent median
     # plus a margin; it is then refined again with the wide (first-frame) search, then the automatic start
@@ -426,14 +431,19 @@ class Registrar:
 
     # -- local optimisation --
     def refine(self, fixed_levels, start: torch.Tensor, iterations: tuple[int, ...],
-               levels: tuple[int, ...] | None = None, tracking: bool = False) -> tuple[torch.Tensor, float, int, bool]:
-        """L-BFGS (or Adam) over (w, v) per bone, coarse to fine. start: (B, K, 4, 4); returns the best of the batch."""
+               levels: tuple[int, ...] | None = None, tracking: bool = False,
+               kept_per_level: tuple[int, ...] | None = None) -> tuple[torch.Tensor, float, int, bool]:
+        """L-BFGS (or Adam) over (w, v) per bone, coarse to fine. start: (B, K, 4, 4); returns the best of the batch.
+        ``kept_per_level[j]``: after the j-th level refined (but the last), only this many of the batch go on, the
+        best by similarity less the joint penalty on that level (a coarse level already tells the wrong pairs)."""
         s = self.settings
         levels = tuple(range(len(self.levels))) if levels is None else levels
         poses = start.detach().clone()
         total_iterations = 0
         converged = True
-        for li in levels:
+        for j, li in enumerate(levels):
+            if j > 0 and kept_per_level is not None and j - 1 < len(kept_per_level):
+                poses = self._best_of(fixed_levels, poses, levels[j - 1], kept_per_level[j - 1])
             n_iter = iterations[li]
             if n_iter <= 0:
                 continue
@@ -458,6 +468,14 @@ class Registrar:
             sims = similarity(fixed, self._moving(renderer(poses)), mask, self.highpass)
             best = int(torch.argmax(sims - self.joint_penalty(poses)))
         return poses[best:best + 1], float(sims[best]), total_iterations, converged
+
+    def _best_of(self, fixed_levels, poses: torch.Tensor, level: int, keep: int) -> torch.Tensor:
+        """The ``keep`` poses of the batch (B, K, 4, 4) scoring best on ``level``, best first."""
+        if keep <= 0 or poses.shape[0] <= keep:
+            return poses
+        with torch.no_grad():
+            order = torch.argsort(self.score(fixed_levels, poses, level) - self.joint_penalty(poses), descending=True)
+        return poses[order[:keep]]
 
     def _lbfgs(self, renderer, fixed, mask, poses, centre, n_eval, li, tracking=False):
         s = self.settings
@@ -650,7 +668,8 @@ class Registrar:
         else:
             candidates = self._stack(start)
             iters = s.track_iterations if tracking else s.start_iterations
-        best, sim, n_it, conv = self.refine(fl, candidates, iters, tracking=tracking and not auto)
+        best, sim, n_it, conv = self.refine(fl, candidates, iters, tracking=tracking and not auto,
+                                            kept_per_level=s.auto_candidates_kept_per_level if auto else None)
         if polarity == "xray" and s.outlier_rounds > 0:
             best, extra = self.reweighted_refine(fl, best, s.outlier_rounds)
             n_it += extra

@@ -18,7 +18,7 @@ from Fluoro2DRRLib.geometry import CArmGeometry
 from Fluoro2DRRLib.registration import (Registrar, RegistrationSettings, interpolate_pose, iter_revisit_weak_frames,
                                         off_motion_frames, outlier_weights,
                                         polish_on_raw_frame, prepare_frame, prepare_frame_and_translation,
-                                        register_sequence)
+                                        register_sequence, sequence_polarity)
 from Fluoro2DRRLib.render import TwoBoneRenderer
 
 SIZE = 256
@@ -296,12 +296,14 @@ def test_one_polarity_for_the_whole_sequence(fluoro):
                                          polarity=info["polarity"])
     assert max(errors(alone, truth, bones, geometry, 1)[n]["in_plane_mm"] for n in truth) > 1.0
     # the vignetting lowers the frame's similarity well below frame 0's: no lost-track search (minutes) here;
-    # frame 0 starts at its truth: tracking-sized iterations suffice (the test's budget)
+    # frame 0 is given as already registered at its truth (a resumed sequence): frame 1 is tracked from it, in
+    # the polarity decided over both frames (the test's budget: frame 0 is not under test)
     registrar.settings.lost_dissimilarity_ratio = 100.0
-    registrar.settings.start_iterations = registrar.settings.track_iterations
     registrar.settings.outlier_rounds = RegistrationSettings().outlier_rounds  # the product's, for the sequence
-    result = register_sequence(frames[:2], geometry, bones, init_poses={n: truth[n][:1] for n in truth},
-                               registrar=registrar, settings=registrar.settings)
+    result = register_sequence(frames[:2], geometry, bones, registrar=registrar, settings=registrar.settings,
+                               start_frame=1, previous={n: truth[n][:2] for n in truth},
+                               previous_quality=[{"frame": 0, "similarity": 0.9, "failed": False}])
+    assert [q["frame"] for q in result.quality] == [1] and sequence_polarity(frames[:2], "auto") == "xray"
     for n, e in errors({n: result.poses[n][1] for n in truth}, truth, bones, geometry, 1).items():
         assert e["in_plane_mm"] < 0.5 and e["rotation_deg"] < 2.0, (n, e)
 
