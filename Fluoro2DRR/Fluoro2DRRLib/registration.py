@@ -1177,7 +1177,8 @@ def _bridge_failed_frames(frames, poses, by_frame, registrar: Registrar, transla
     the motion (see RegistrationSettings). When it lands within that of the motion and where the frame already
     is (:func:`_same_place`), the frame's pose is confirmed: its "failed" flag is cleared -- for a frame flagged
     only for lying off that motion (``off_motion``), wherever the motion is: the raw frame, started from the
-    motion, going back to the frame's pose says the motion changed there (a real jolt). Otherwise, with
+    motion, going back to the frame's pose says the motion changed there (a real jolt), when the motion's pose
+    explains the raw frame worse than the frame's own does. Otherwise, with
     ``fill_failed_frames``, each bone whose pose is far off the motion carries the motion's pose (still failed)."""
     settings, names = registrar.settings, registrar.names
     n = len(frames)
@@ -1207,10 +1208,13 @@ def _bridge_failed_frames(frames, poses, by_frame, registrar: Registrar, transla
             _record_new_pose(q, f"bridged on the raw frame {where} (raw similarity {old_raw:.3f} -> {new_raw:.3f})",
                              registrar.similarity_at(image, fov, result, info["polarity"]),  # on the registered image
                              iters, conv, t0)
-        elif (near_motion or i in off_motion) and _same_place(old_pose, result, registrar):
+        elif (near_motion or (i in off_motion and old_raw > registrar.similarity_at(
+                raw_image, raw_fov, start, raw_info["polarity"]))) and _same_place(old_pose, result, registrar):
             # the raw frame, started from the neighbours' motion, lands where the frame already is: its pose is
             # right (a noisy or confused translated frame only lowered its similarity; or, for a frame flagged
-            # off the motion, the motion really changed there)
+            # off the motion whose raw frame the motion's pose explains worse than its own, the motion really
+            # changed there. Seed 24 frame 6, its tibia 15 deg off, went back to its pose from the motion too,
+            # though the motion's pose explained its raw frame better, 0.99x the dissimilarity: not a jolt)
             _add_note(q, f"confirmed on the raw frame {where}", failed=False)
         elif settings.fill_failed_frames:
             # "far off": for a frame flagged for lying off the motion, as far as flagged it
