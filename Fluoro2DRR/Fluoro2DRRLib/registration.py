@@ -64,8 +64,8 @@ class RegistrationSettings:
     auto_joint_window_mm: float = 60.0  # the tibia is searched this far around where the default knee puts it
     # the automatic start's (femur, tibia) pairs kept after each level but the last, the best by similarity less
     # the joint penalty on that level (0 or None: all). The 64 px level cannot rank them (on seed 24's first
-    # frame the pair that won at 256 px ranked 8th of 9 there, all within 0.01 similarity); the 128 px level put
-    # the winner 1st-3rd on three benchmark first frames. The finest level costs most per pair.
+    # frame the pairs that won at 256 px ranked 7th and 8th of 9 there, all within 0.01 similarity); the 128 px
+    # level put the winner 1st-3rd on three benchmark first frames. The finest level costs most per pair.
     auto_candidates_kept_per_level: tuple[int, ...] | None = (0, 3)
     # tracking
     # a frame is "lost" when its dissimilarity (1 - similarity) exceeds this many times the recent median
@@ -435,7 +435,7 @@ class Registrar:
                kept_per_level: tuple[int, ...] | None = None) -> tuple[torch.Tensor, float, int, bool]:
         """L-BFGS (or Adam) over (w, v) per bone, coarse to fine. start: (B, K, 4, 4); returns the best of the batch.
         ``kept_per_level[j]``: after the j-th level refined (but the last), only this many of the batch go on, the
-        best by similarity less the joint penalty on that level (a coarse level already tells the wrong pairs)."""
+        best by similarity less the joint penalty on that level (where that level can already rank them)."""
         s = self.settings
         levels = tuple(range(len(self.levels))) if levels is None else levels
         poses = start.detach().clone()
