@@ -491,16 +491,40 @@ class KneeJoint:
     share the scan's frame, so their surfaces there form the knee as scanned. At any pose the two copies of
     the point, ``world_from_femur @ centre_femur_mm`` and ``world_from_tibia @ centre_tibia_mm``, stay
     close: flexion moves them apart within the sagittal plane (the condyles roll and glide on the plateau,
-    up to a few cm at deep flexion), while across it (mediolateral) they stay within a few mm.
+    up to a few cm at deep flexion), while across it (mediolateral) they stay within a few mm. And the tibia
+    turns relative to the femur as scanned mostly about the flexion axis: a knee's other two rotations
+    (ab/adduction, internal-external rotation) stay within a few tens of degrees.
     """
     centre_femur_mm: np.ndarray  # (3,) femur frame
     scanned_gap_mm: float  # the bones' closest approach as scanned
     tibia_in_femur: np.ndarray  # 4x4 femur_from_tibia as scanned
+    flexion_axis_femur: np.ndarray  # (3,) unit, femur frame: the medio-lateral axis of its distal end (sign free)
 
     @property
     def centre_tibia_mm(self) -> np.ndarray:
         """(3,) the same point in the tibia frame."""
         return apply_transform(rigid_inverse(self.tibia_in_femur), self.centre_femur_mm[None])[0]
+
+
+def knee_frame(femur_points_mm: np.ndarray, femur_centroid_mm: np.ndarray,
+               tibia_centroid_mm: np.ndarray) -> np.ndarray:
+    """frame_from_knee (4x4) of a femur and a tibia given in one frame (a scan's): z from the tibia's centroid to
+    the femur's (superior); x the widest direction of the femur's distal fifth across z (medio-lateral, the
+    flexion axis; its sign is the SVD's); y = z x x; origin the centre of that distal end."""
+    z = np.asarray(femur_centroid_mm, float) - np.asarray(tibia_centroid_mm, float)
+    z /= np.linalg.norm(z)
+    pts = np.asarray(femur_points_mm, float)
+    along = (pts - femur_centroid_mm) @ z
+    distal = pts[along <= np.percentile(along, 20)]
+    centred = distal - distal.mean(0)
+    centred -= np.outer(centred @ z, z)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    x = vt[0] - (vt[0] @ z) * z
+    x /= np.linalg.norm(x)
+    out = np.eye(4)
+    out[:3, :3] = np.stack([x, np.cross(z, x), z], 1)
+    out[:3, 3] = distal.mean(0)
+    return out
 
 
 def knee_joint(femur: BoneModel, tibia: BoneModel, band_mm: float = 6.0, max_gap_mm: float = 15.0,
@@ -524,4 +548,7 @@ def knee_joint(femur: BoneModel, tibia: BoneModel, band_mm: float = 6.0, max_gap
         return None
     centre_file = np.concatenate([pts[0][to_tibia < gap + band_mm], pts[1][to_femur < gap + band_mm]]).mean(0)
     femur_from_file = rigid_inverse(femur.file_from_bone)
-    return KneeJoint(apply_transform(femur_from_file, centre_file[None])[0], gap, femur_from_file @ tibia.file_from_bone)
+    file_from_knee = knee_frame(pts[0], apply_transform(femur.file_from_bone, femur.centroid_mm[None])[0],
+                                apply_transform(tibia.file_from_bone, tibia.centroid_mm[None])[0])
+    return KneeJoint(apply_transform(femur_from_file, centre_file[None])[0], gap, femur_from_file @ tibia.file_from_bone,
+                     femur_from_file[:3, :3] @ file_from_knee[:3, 0])

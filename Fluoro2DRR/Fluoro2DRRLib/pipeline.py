@@ -117,7 +117,9 @@ def _knee_joint_report(registrar, progress: bool) -> dict:
     if joint is not None:
         return {"prior": "on", "scanned_gap_mm": round(joint.scanned_gap_mm, 2),
                 "centre_femur_mm": [round(float(v), 2) for v in joint.centre_femur_mm],
-                "centre_tibia_mm": [round(float(v), 2) for v in joint.centre_tibia_mm]}
+                "centre_tibia_mm": [round(float(v), 2) for v in joint.centre_tibia_mm],
+                "flexion_axis_femur": [round(float(v), 4) for v in joint.flexion_axis_femur],
+                "max_off_axis_deg": registrar.settings.joint_max_off_axis_deg}
     if registrar.settings.joint_prior_weight <= 0 or len(registrar.names) < 2:
         return {"prior": "off"}
     reason = ("femur and tibia do not meet as loaded (segmented from different scans, or each centred on its own "

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bones import BoneModel, bone_from_mesh_file, bones_from_ct_files, write_bones_json, write_mesh
+from .bones import BoneModel, bone_from_mesh_file, bones_from_ct_files, knee_frame, write_bones_json, write_mesh
 from .errors import InputError
 from .geometry import CArmGeometry, apply_transform, knee_default_geometry
 from .phantom import FLEXION_CENTRE_MM, knee_motion, make_knee_phantom
@@ -32,27 +32,9 @@ BONE_NAMES = ("femur", "tibia")
 
 
 def knee_frame_from_bones(femur: BoneModel, tibia: BoneModel) -> np.ndarray:
-    """bone_from_knee for two bones in one frame (label map, or meshes exported together).
-
-    z: from the tibia's centroid to the femur's (superior); x: the widest direction of the femur's distal
-    end (medio-lateral), y = z x x (anterior up to sign); origin: the centre of the femoral condyles.
-    """
-    fc, tc = femur.centroid_mm, tibia.centroid_mm
-    z = fc - tc
-    z /= np.linalg.norm(z)
+    """bone_from_knee for two bones in one frame (label map, or meshes exported together): bones.knee_frame."""
     pts = femur.surface_points_mm if femur.surface_points_mm is not None else femur.corners_mm()
-    along = (pts - fc) @ z
-    distal = pts[along <= np.percentile(along, 20)]
-    centred = distal - distal.mean(0)
-    centred -= np.outer(centred @ z, z)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    x = vt[0] - (vt[0] @ z) * z
-    x /= np.linalg.norm(x)
-    y = np.cross(z, x)
-    out = np.eye(4)
-    out[:3, :3] = np.stack([x, y, z], 1)
-    out[:3, 3] = distal.mean(0)
-    return out
+    return knee_frame(pts, femur.centroid_mm, tibia.centroid_mm)
 
 
 def load_subject(seed: int = 0, labelmap=None, femur_label: int = 5, tibia_label: int = 6,

@@ -206,6 +206,99 @@ def test_the_knee_joint_keeps_a_tibia_the_image_puts_too_close_to_the_source_bes
     assert tibia_depth_mm[RegistrationSettings().joint_prior_weight] < tibia_depth_mm[0.0] - 3.0, tibia_depth_mm
 
 
+def _tibia_turned(truth_frame: dict, centre_femur_mm, axis_femur, angle_deg: float) -> np.ndarray:
+    """world_from_tibia turned relative to the femur by angle_deg about axis_femur (femur frame) through the
+    joint centre."""
+    turn = np.eye(4)
+    turn[:3, :3] = Rotation.from_rotvec(np.radians(angle_deg) * np.asarray(axis_femur)).as_matrix()
+    turn[:3, 3] = centre_femur_mm - turn[:3, :3] @ centre_femur_mm
+    femur = truth_frame["femur"]
+    return femur @ turn @ np.linalg.inv(femur) @ truth_frame["tibia"]
+
+
+def test_the_knee_joint_lets_the_tibia_flex_but_not_turn_about_an_axis_a_knee_cannot(clean):
+    """The joint prior's angle term. Relative to the femur the tibia flexes freely about the flexion axis (the
+    femur's distal end's widest direction), while turning about the other two axes beyond
+    joint_max_off_axis_deg costs (a tibia that locked onto the other leg sat 75 deg off so). The simulated
+    motion (flexion with some internal rotation and ab/adduction) costs nothing; its gradient is finite
+    where the term is flat."""
+    _, geometry, bones, truth, _ = clean
+    registrar = Registrar(geometry, bones, small_settings(detector_sizes=(32,), voxel_mm=(2.4,)))
+    joint = registrar.joint
+    limit = RegistrationSettings().joint_max_off_axis_deg
+    # the phantom's knee frame is its bones' frame: it flexes about x (its distal end's widest direction is
+    # 8.6 deg off x: a flexion of 90 deg then reads as some 12 deg off the axis, well within the limit)
+    assert np.degrees(np.arccos(abs(joint.flexion_axis_femur[0]))) < 12.0, joint.flexion_axis_femur
+    at_truth = registrar._stack({n: truth[n][0] for n in truth}).repeat(len(truth["femur"]), 1, 1, 1)
+    at_truth[:, 1] = torch.as_tensor(truth["tibia"], dtype=torch.float32)
+    at_truth[:, 0] = torch.as_tensor(truth["femur"], dtype=torch.float32)
+    off_truth = registrar.joint_off_axis_deg(at_truth)
+    assert float(off_truth.max()) < 10.0, off_truth
+    assert float(registrar.joint_penalty(at_truth).max()) == 0.0
+    frame0 = {n: truth[n][0] for n in truth}
+    anterior = np.cross([0.0, 0.0, 1.0], joint.flexion_axis_femur)
+    anterior /= np.linalg.norm(anterior)
+    cases = {"flexed 90 deg more": (joint.flexion_axis_femur, 90.0),
+             "turned 60 deg about the anterior axis": (anterior, 60.0),
+             "turned 60 deg about the long axis": ([0.0, 0.0, 1.0], 60.0)}
+    off, cost = {}, {}
+    for name, (axis, angle) in cases.items():
+        poses = registrar._stack({"femur": frame0["femur"],
+                                  "tibia": _tibia_turned(frame0, joint.centre_femur_mm, axis, angle)})
+        off[name] = float(registrar.joint_off_axis_deg(poses)[0])
+        cost[name] = float(registrar.joint_penalty(poses)[0])
+    assert off["flexed 90 deg more"] < float(off_truth[0]) + 1.0 and cost["flexed 90 deg more"] == 0.0, (off, cost)
+    for name in ("turned 60 deg about the anterior axis", "turned 60 deg about the long axis"):
+        assert abs(off[name] - 60.0) < float(off_truth[0]) + 2.0, off
+        assert cost[name] > RegistrationSettings().joint_prior_weight * (60.0 - limit - 12.0) ** 2, cost
+    poses = at_truth.clone().requires_grad_(True)
+    registrar.joint_penalty(poses).sum().backward()
+    assert torch.isfinite(poses.grad).all()
+
+
+def test_knee_completion_finds_the_tibia_under_the_femur_when_the_search_took_the_other_leg(clean):
+    """The automatic start's tibia search matches the tibia's own template over the frame, so a bone-like band
+    (the other leg) can take it, while the femur is found. Knee completion flexes the knee as scanned about its
+    flexion axis under the chosen femur, places that tibia by NCC nearby, refines the pair and keeps it when it
+    scores better. Here the frame shows a second, fainter tibia 45 mm away, turned 40 deg (the other leg), and
+    the pair given to completion has the true femur with the tibia on that decoy."""
+    from Fluoro2DRRLib.render import render_numpy
+    from Fluoro2DRRLib.simulate import CLEAN_DRR_COUNTS_PER_MM
+
+    _, geometry, bones, truth, _ = clean
+    settings = small_settings(detector_sizes=(32, 64, 128))
+    registrar = Registrar(geometry, bones, settings)
+    for f in range(len(truth["femur"])):  # the flexion family alone, from the true femur
+        flexed = registrar.flexed_tibia(registrar._frame_levels(*prepare_frame(
+            np.clip(render_numpy(geometry, [bones[n] for n in truth], np.stack([truth[n][f] for n in truth])[None])[0]
+                    .sum(0) * CLEAN_DRR_COUNTS_PER_MM, 0, 65535))[:2], "drr"),
+            torch.as_tensor(truth["femur"][f], dtype=torch.float32))
+        e = errors({"tibia": flexed.numpy().astype(float)}, truth, bones, geometry, f)["tibia"]
+        # 5 deg steps of pure flexion; the phantom also turns internally 0.15 deg per deg of flexion, +-2 deg
+        assert e["in_plane_mm"] < 8.0 and e["rotation_deg"] < 15.0, (f, e)
+    beam = geometry.beam_direction_world
+    across = np.cross(beam, truth["femur"][0][:3, :3] @ [0.0, 0.0, 1.0])
+    across /= np.linalg.norm(across)
+    decoy = np.eye(4)
+    decoy[:3, :3] = Rotation.from_rotvec(np.radians(40.0) * beam).as_matrix()
+    c = truth["tibia"][0][:3, :3] @ bones["tibia"].centroid_mm + truth["tibia"][0][:3, 3]
+    decoy[:3, 3] = c + 45.0 * across - decoy[:3, :3] @ c
+    decoy = decoy @ truth["tibia"][0]
+    line_integrals = render_numpy(geometry, [bones["femur"], bones["tibia"], bones["tibia"]],
+                                  np.stack([truth["femur"][0], truth["tibia"][0], decoy])[None])[0]
+    image, fov, _ = prepare_frame(np.clip((line_integrals[0] + line_integrals[1] + 0.7 * line_integrals[2])
+                                          * CLEAN_DRR_COUNTS_PER_MM, 0, 65535))
+    fl = registrar._frame_levels(image, fov, "drr")
+    took_the_decoy = registrar._stack({"femur": truth["femur"][0], "tibia": decoy})
+    sim = float(registrar.score(fl, took_the_decoy, len(registrar.levels) - 1)[0])
+    best, new_sim, _, _ = registrar._knee_completion(fl, took_the_decoy, sim, 0, True, settings.start_iterations)
+    result = registrar._unstack(best)
+    e = errors(result, truth, bones, geometry, 0)
+    assert e["tibia"]["in_plane_mm"] < 1.0 and e["tibia"]["rotation_deg"] < 3.0, e
+    assert e["femur"]["in_plane_mm"] < 1.0 and e["femur"]["rotation_deg"] < 3.0, e
+    assert new_sim > sim + 0.05, (sim, new_sim)
+
+
 def test_recovers_perturbed_pose_on_raw_fluoroscopy(fluoro):
     _, geometry, bones, truth, frames = fluoro
     registrar = Registrar(geometry, bones, small_settings())
