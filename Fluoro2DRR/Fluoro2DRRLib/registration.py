@@ -401,8 +401,8 @@ class Registrar:
                                                   dtype=torch.float32, device=self.device)  # (2, 3) bone frames
             self._beam = torch.as_tensor(geometry.beam_direction_world, dtype=torch.float32, device=self.device)
             self._flexion_axis = torch.as_tensor(self.joint.flexion_axis_femur, dtype=torch.float32, device=self.device)
-            self._scanned_tibia_rotation = torch.as_tensor(self.joint.tibia_in_femur[:3, :3], dtype=torch.float32,
-                                                           device=self.device)  # femur_from_tibia
+            self._tibia_in_femur = torch.as_tensor(self.joint.tibia_in_femur, dtype=torch.float32,
+                                                   device=self.device)  # femur_from_tibia as scanned
         self.highpass = 0.0  # set per frame from its polarity
         self.target_space = False  # translated frames compared in the networks' output space (per frame)
 
@@ -442,7 +442,7 @@ class Registrar:
         if self.joint is None:
             return torch.zeros(poses.shape[0], dtype=poses.dtype, device=poses.device)
         femur_from_tibia = poses[:, 0, :3, :3].transpose(-1, -2) @ poses[:, 1, :3, :3]
-        turn = femur_from_tibia @ self._scanned_tibia_rotation.T  # scanned -> now, femur frame
+        turn = femur_from_tibia @ self._tibia_in_femur[:3, :3].T  # scanned -> now, femur frame
         moved = turn @ self._flexion_axis
         chord = torch.sqrt(((moved - self._flexion_axis) ** 2).sum(-1) + 1e-12)  # finite gradient at 0
         return torch.rad2deg(2.0 * torch.asin(torch.clamp(chord / 2.0, max=1.0)))
@@ -634,7 +634,7 @@ class Registrar:
         joint = [torch.stack([f, t]) for f, t in zip(first, anywhere)]
         if self.joint is not None:  # each pair again with the tibia at the femur's joint depth
             joint += [torch.stack([f, self._tibia_at_joint_depth(f, t)]) for f, t in zip(first, anywhere)]
-            relative = torch.as_tensor(self.joint.tibia_in_femur, dtype=torch.float32, device=self.device)
+            relative = self._tibia_in_femur
         else:
             relative = torch.linalg.inv(start[0, 0]) @ start[0, 1]
         source = g.source_position_world
@@ -662,8 +662,7 @@ class Registrar:
                                                                     device=self.device)[:, None] * self._flexion_axis)
         turns[:, :3, 3] = centre - turns[:, :3, :3] @ centre
         turns[:, 3, 3] = 1.0
-        relative = torch.as_tensor(self.joint.tibia_in_femur, dtype=torch.float32, device=self.device)
-        tibias = femur_pose[None] @ turns @ relative  # (A, 4, 4): about the joint centre, in the femur frame
+        tibias = femur_pose[None] @ turns @ self._tibia_in_femur  # (A, 4, 4): about the joint centre, in the femur frame
         pairs = torch.stack([femur_pose[None].expand_as(tibias), tibias], 1)
         level = min(level, len(self.levels) - 1)
         with torch.no_grad():
