@@ -13,6 +13,8 @@ iterations at the coarse level, few at the fine one, each level stopping when th
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .bones import BoneModel, knee_joint
+from .cpu_memory import reuse_freed_buffers
 from .errors import InputError
 from .fluoro_sim import TARGET_LI_SCALE
 from .geometry import CArmGeometry, apply_transform
@@ -48,6 +51,8 @@ class RegistrationSettings:
     # per level, or one name for all: "trilinear" (sampled inside each bone's box) or "siddon" (exact)
     renderer: str | tuple[str, ...] = "trilinear"
     compile_renderer: bool = False  # torch.compile the DiffDRR renderer (measured: see bench_speed_levers)
+    # keep freed large CPU buffers for the next evaluation while a sequence registers (glibc; see cpu_memory)
+    reuse_cpu_buffers: bool = True
     optimizer: str = "lbfgs"  # "lbfgs" (strong-Wolfe line search) or "adam"
     rotation_scale_mm: float = 50.0  # lbfgs works on (w * this, v): radians at a lever arm of 50 mm ~ mm
     # Each level searches a bounded region around its start (smooth tanh bounds): the line search
@@ -925,6 +930,33 @@ def _extrapolate(prev: np.ndarray, prev2: np.ndarray | None, centroid_bone: np.n
     return out
 
 
+def _settings_of(fn, args, kwargs) -> RegistrationSettings:
+    """The RegistrationSettings a call of ``fn`` runs with: its ``registrar``'s, its ``settings``, or the defaults."""
+    bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+    if bound.get("registrar") is not None:
+        return bound["registrar"].settings
+    return bound.get("settings") or RegistrationSettings()
+
+
+def _reusing_cpu_buffers(fn):
+    """Run ``fn`` (a function or a generator) inside :func:`cpu_memory.reuse_freed_buffers` when its settings'
+    ``reuse_cpu_buffers`` asks for it: the engine's entry points, not each refinement (leaving the outermost
+    one hands the memory back, which each refinement would pay again)."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            with reuse_freed_buffers(_settings_of(fn, args, kwargs).reuse_cpu_buffers):
+                yield from fn(*args, **kwargs)
+        return generator
+
+    @functools.wraps(fn)
+    def function(*args, **kwargs):
+        with reuse_freed_buffers(_settings_of(fn, args, kwargs).reuse_cpu_buffers):
+            return fn(*args, **kwargs)
+    return function
+
+
+@_reusing_cpu_buffers
 def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[str, BoneModel],
                       init_poses: dict[str, np.ndarray] | None = None, translation: str = "none",
                       device: str = "auto", settings: RegistrationSettings | None = None, progress=None,
@@ -1104,6 +1136,7 @@ def weak_frames(quality: list[dict], ratio: float, margin: float = 0.01) -> tupl
     return weak, threshold
 
 
+@_reusing_cpu_buffers
 def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], quality: list[dict],
                              registrar: Registrar, translated_frames: np.ndarray | None = None,
                              polarity: str = "auto"):

@@ -31,9 +31,11 @@ from bench_registration import LABELMAP, ROOT, far_default  # noqa: E402
 
 
 def _value(text: str):
-    """"none" -> None; "80,20,15" -> a tuple; "2.4" -> a number; else the text."""
+    """"none" -> None; "true" / "false" -> a bool; "80,20,15" -> a tuple; "2.4" -> a number; else the text."""
     if text == "none":
         return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     parts = []
     for part in text.split(","):
         try:
