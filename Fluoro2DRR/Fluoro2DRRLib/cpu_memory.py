@@ -6,7 +6,7 @@ allocation above its mmap threshold (at most 32 MiB) with fresh pages from the k
 free, so each evaluation pays page faults and zeroing for every such buffer. Raising the threshold and the
 trim threshold while registration runs keeps freed buffers in the heap for the next evaluation: measured on the
 2-core CPU (Testing/benchmarks/results/cpu_buffer_reuse_2026-11-22.md), one automatic start on one thread took
-0.79x the time, and a 256 px render + gradient of 3 pairs went from about 300 000 page faults to none once the
+0.78x the time, and a 256 px render + gradient of 3 pairs went from about 300 000 page faults to none once the
 heap held its buffers. The results do not change: only where the memory comes from does.
 
 On leaving the outermost :func:`reuse_freed_buffers`, the thresholds go back to the ceilings glibc's own
