@@ -16,6 +16,7 @@ goes back to the system (``malloc_trim``), so a host such as 3D Slicer keeps no 
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from contextlib import contextmanager
 
@@ -28,24 +29,20 @@ _AFTER = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 64 << 20}
 
 _lock = threading.Lock()
 _depth = 0
-_libc = None
-_looked = False
 
 
+@functools.lru_cache(maxsize=None)
 def _glibc():
     """The process's glibc (with mallopt and malloc_trim), or None (macOS, Windows, musl)."""
-    global _libc, _looked
-    if not _looked:
-        _looked = True
-        try:
-            libc = ctypes.CDLL(None)
-            if all(hasattr(libc, f) for f in ("gnu_get_libc_version", "mallopt", "malloc_trim")):
-                libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-                libc.malloc_trim.argtypes = [ctypes.c_size_t]
-                _libc = libc
-        except OSError:
-            _libc = None
-    return _libc
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    if not all(hasattr(libc, f) for f in ("gnu_get_libc_version", "mallopt", "malloc_trim")):
+        return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    return libc
 
 
 def _apply(values: dict[int, int]) -> bool:

@@ -68,6 +68,9 @@ def test_repeated_evaluations_reuse_their_buffers_inside_and_hand_them_back_afte
     assert not cpu_memory.active()
     # once the heap holds the buffers, an evaluation takes (almost) no fresh pages
     assert float(np.median(inside[-3:])) < 0.1 * steady_outside, (outside, inside)
+    # after the outermost block glibc's thresholds are back: the buffers are fresh pages again (memory handed back)
+    after = _page_faults_per_evaluation(renderer, poses)
+    assert float(np.median(after[-3:])) > 0.25 * steady_outside, (outside, inside, after)
 
 
 def test_reusing_buffers_or_not_changes_no_number(scene, one_thread):
