@@ -376,6 +376,34 @@ def outlier_weights(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tenso
     return 1.0 / (1.0 + (residual / (scale * sigma)) ** 2)
 
 
+def _settings_of(fn, args, kwargs) -> RegistrationSettings:
+    """The RegistrationSettings a call of ``fn`` runs with: its Registrar's (``self`` or ``registrar``), its
+    ``settings``, or the defaults."""
+    bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+    for name in ("self", "registrar"):
+        if bound.get(name) is not None:
+            return bound[name].settings
+    return bound.get("settings") or RegistrationSettings()
+
+
+def _reusing_cpu_buffers(fn):
+    """Run ``fn`` (a function or a generator) inside :func:`cpu_memory.reuse_freed_buffers` when its settings'
+    ``reuse_cpu_buffers`` asks for it: the engine's entry points (a sequence, the revisits, one frame), not each
+    refinement (leaving the outermost one hands the memory back, which each refinement would pay again)."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            with reuse_freed_buffers(_settings_of(fn, args, kwargs).reuse_cpu_buffers):
+                yield from fn(*args, **kwargs)
+        return generator
+
+    @functools.wraps(fn)
+    def function(*args, **kwargs):
+        with reuse_freed_buffers(_settings_of(fn, args, kwargs).reuse_cpu_buffers):
+            return fn(*args, **kwargs)
+    return function
+
+
 class Registrar:
     """Holds the renderers of every level for one set of bones and one C-arm; registers frames."""
 
@@ -744,6 +772,7 @@ class Registrar:
                       polarity: str = "drr") -> float:
         return self.similarities_at(frame_image, fov, [poses], polarity)[0]
 
+    @_reusing_cpu_buffers
     def register_frame(self, frame_image: np.ndarray, fov: np.ndarray, start: dict[str, np.ndarray],
                        auto: bool, tracking: bool, polarity: str = "drr") -> tuple[dict[str, np.ndarray], float, int, bool]:
         """``polarity`` of the prepared image's source: "drr", "xray" (raw fluoroscopy: high-passed global NCC
@@ -928,32 +957,6 @@ def _extrapolate(prev: np.ndarray, prev2: np.ndarray | None, centroid_bone: np.n
     c_new = apply_transform(out, centroid_bone[None])[0]
     out[:3, 3] -= np.dot(c_new - c_prev, beam) * beam
     return out
-
-
-def _settings_of(fn, args, kwargs) -> RegistrationSettings:
-    """The RegistrationSettings a call of ``fn`` runs with: its ``registrar``'s, its ``settings``, or the defaults."""
-    bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
-    if bound.get("registrar") is not None:
-        return bound["registrar"].settings
-    return bound.get("settings") or RegistrationSettings()
-
-
-def _reusing_cpu_buffers(fn):
-    """Run ``fn`` (a function or a generator) inside :func:`cpu_memory.reuse_freed_buffers` when its settings'
-    ``reuse_cpu_buffers`` asks for it: the engine's entry points, not each refinement (leaving the outermost
-    one hands the memory back, which each refinement would pay again)."""
-    if inspect.isgeneratorfunction(fn):
-        @functools.wraps(fn)
-        def generator(*args, **kwargs):
-            with reuse_freed_buffers(_settings_of(fn, args, kwargs).reuse_cpu_buffers):
-                yield from fn(*args, **kwargs)
-        return generator
-
-    @functools.wraps(fn)
-    def function(*args, **kwargs):
-        with reuse_freed_buffers(_settings_of(fn, args, kwargs).reuse_cpu_buffers):
-            return fn(*args, **kwargs)
-    return function
 
 
 @_reusing_cpu_buffers

@@ -88,3 +88,40 @@ def test_reusing_buffers_or_not_changes_no_number(scene, one_thread):
     for n in truth:
         assert np.isfinite(results[0].poses[n]).all()
         assert np.array_equal(results[0].poses[n], results[1].poses[n]), n
+
+
+@pytest.mark.skipif(cpu_memory._glibc() is None, reason="mallopt / malloc_trim are glibc's")
+@pytest.mark.parametrize("reuse", [True, False])
+def test_every_entry_point_runs_inside_the_block_when_its_settings_ask(scene, reuse, monkeypatch):
+    """register_sequence, iter_revisit_weak_frames and Registrar.register_frame (which benchmarks and scripts call
+    directly) each refine inside the block when ``reuse_cpu_buffers`` is on, outside it when off, and leave it."""
+    from Fluoro2DRRLib.registration import (Registrar, RegistrationSettings, iter_revisit_weak_frames,
+                                            prepare_frame, register_sequence)
+
+    geometry, bones, truth, frames = scene
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def refine(self, *args, **kwargs):  # what the block is for: every refinement runs inside it
+        seen.append(cpu_memory.active())
+        raise Stop
+
+    monkeypatch.setattr(Registrar, "refine", refine)
+    settings = RegistrationSettings(detector_sizes=(64,), voxel_mm=(3.2,), start_iterations=(5,),
+                                    track_iterations=(5,), reuse_cpu_buffers=reuse)
+    start = {n: truth[n][0] for n in truth}
+    image, fov, _ = prepare_frame(frames[0])
+    registrar = Registrar(geometry, bones, settings)
+    with pytest.raises(Stop):
+        registrar.register_frame(image, fov, start, auto=False, tracking=False)
+    with pytest.raises(Stop):
+        register_sequence(frames[:1], geometry, bones, init_poses={n: truth[n][:1] for n in truth}, settings=settings)
+    quality = [{"frame": 0, "similarity": 0.9, "converged": True, "failed": False},
+               {"frame": 1, "similarity": 0.1, "converged": False, "failed": True}]
+    poses = {n: truth[n][:2].copy() for n in truth}
+    with pytest.raises(Stop):
+        list(iter_revisit_weak_frames(frames[:2], poses, quality, registrar))
+    assert seen == [reuse] * 3, seen
+    assert not cpu_memory.active()
