@@ -53,6 +53,12 @@ class RegistrationSettings:
     compile_renderer: bool = False  # torch.compile the DiffDRR renderer (measured: see bench_speed_levers)
     # keep freed large CPU buffers for the next evaluation while a sequence registers (glibc; see cpu_memory)
     reuse_cpu_buffers: bool = True
+    # at most this many detector pixels (poses x pixels of the level) rendered at once: a larger batch (the
+    # automatic start's 9 pairs, the flexion search's 49) is evaluated in chunks, the gradients summed -- the
+    # same objective and steps, with the memory of one chunk. Registering 1024 x 1024 frames, the flexion
+    # search's 49 pairs at 128 px rendered as one batch held 4.2 GB; with 65536 (one pair at 256 px, four at
+    # 128) the whole registration peaked at 1.04 GB (results/registration_memory_chunked_*). 0: one batch.
+    max_pixels_per_evaluation: int = 65536
     optimizer: str = "lbfgs"  # "lbfgs" (strong-Wolfe line search) or "adam"
     rotation_scale_mm: float = 50.0  # lbfgs works on (w * this, v): radians at a lever arm of 50 mm ~ mm
     # Each level searches a bounded region around its start (smooth tanh bounds): the line search
@@ -532,7 +538,7 @@ class Registrar:
         with torch.no_grad():
             renderer = self.levels[levels[-1]]
             fixed, mask = fixed_levels[levels[-1]]
-            sims = similarity(fixed, self._moving(renderer(poses)), mask, self.highpass)
+            sims = similarity(fixed, self._moving(self._render(renderer, poses)), mask, self.highpass)
             best = int(torch.argmax(sims - self.joint_penalty(poses)))
         return poses[best:best + 1], float(sims[best]), total_iterations, converged
 
@@ -562,15 +568,9 @@ class Registrar:
 
         def closure():
             opt.zero_grad()
-            w, v = bounded(x)
-            current = compose_update(poses, centre, w, v)
-            loss = (self.joint_penalty(current)
-                    - similarity(fixed, self._moving(renderer(current)), mask, self.highpass)).sum()
-            if not loss.requires_grad:  # no ray touches any bone: nothing to follow
-                loss = loss + 0.0 * x.sum()
-            loss.backward()
+            loss = self._loss_backward(renderer, fixed, mask, poses, centre, lambda part: bounded(x[part])).sum()
             count[0] += 1
-            history.append(float(loss.detach()) / poses.shape[0])
+            history.append(float(loss) / poses.shape[0])
             return loss
 
         opt.step(closure)
@@ -592,10 +592,7 @@ class Registrar:
         it = 0
         for it in range(n_iter):
             opt.zero_grad()
-            current = compose_update(poses, centre, w, v)
-            loss = (self.joint_penalty(current)
-                    - similarity(fixed, self._moving(renderer(current)), mask, self.highpass)).sum()
-            loss.backward()
+            self._loss_backward(renderer, fixed, mask, poses, centre, lambda part: (w[part], v[part]))
             opt.step()
             sched.step()
             with torch.no_grad():
@@ -608,6 +605,36 @@ class Registrar:
                 return w.detach(), v.detach(), it + 1, True
         return w.detach(), v.detach(), it + 1, False
 
+    def _chunks(self, renderer: TwoBoneRenderer, n_poses: int) -> list[slice]:
+        """A batch of ``n_poses`` on ``renderer``'s level, cut into slices of at most
+        ``max_pixels_per_evaluation`` detector pixels in all (one pose at least)."""
+        budget = self.settings.max_pixels_per_evaluation
+        per_chunk = max(1, budget // (renderer.width * renderer.height)) if budget > 0 else n_poses
+        return [slice(i, min(i + per_chunk, n_poses)) for i in range(0, n_poses, per_chunk)]
+
+    def _render(self, renderer: TwoBoneRenderer, poses: torch.Tensor) -> torch.Tensor:
+        """``renderer(poses)`` without gradients, in :meth:`_chunks` (bounded memory)."""
+        with torch.no_grad():
+            return torch.cat([renderer(poses[part]) for part in self._chunks(renderer, poses.shape[0])])
+
+    def _loss_backward(self, renderer, fixed, mask, poses, centre, update) -> torch.Tensor:
+        """The objective (joint penalty less similarity) of each pose of the batch moved by ``update(part)`` ->
+        (w, v) of those poses (tensors that lead to the optimiser's leaves), in :meth:`_chunks`: each chunk's
+        gradient flows into the leaves before the next is rendered, so only one chunk's samples live at a time.
+        Returns the losses (B,), detached; the leaves' ``.grad`` hold the gradient of their sum."""
+        losses = []
+        for part in self._chunks(renderer, poses.shape[0]):
+            w, v = update(part)
+            current = compose_update(poses[part], centre[part], w, v)
+            loss = self.joint_penalty(current) - similarity(fixed, self._moving(renderer(current)), mask,
+                                                            self.highpass)
+            total = loss.sum()
+            if not total.requires_grad:  # no ray touches any bone: nothing to follow
+                total = total + 0.0 * (w.sum() + v.sum())
+            total.backward()
+            losses.append(loss.detach())
+        return torch.cat(losses)
+
     def _moving(self, rendered: torch.Tensor) -> torch.Tensor:
         """Rendered bones (B, K, h, w) -> the image compared with the frame (B, 1, h, w)."""
         total = rendered.sum(1, keepdim=True)
@@ -618,7 +645,7 @@ class Registrar:
     def score(self, fixed_levels, poses: torch.Tensor, level: int) -> torch.Tensor:
         with torch.no_grad():
             fixed, mask = fixed_levels[level]
-            return similarity(fixed, self._moving(self.levels[level](poses)), mask, self.highpass)
+            return similarity(fixed, self._moving(self._render(self.levels[level], poses)), mask, self.highpass)
 
     # -- automatic start --
     def auto_start(self, fixed_levels, default: dict[str, np.ndarray]) -> torch.Tensor:
@@ -748,7 +775,7 @@ class Registrar:
         far = torch.eye(4, device=self.device).expand(poses_k.shape[0], len(self.names), 4, 4).clone()
         far[:, :, 2, 3] = 1e6  # other bones far behind the source: outside every ray
         far[:, k] = poses_k[:, 0]
-        return renderer(far)[:, k:k + 1]
+        return self._render(renderer, far)[:, k:k + 1]
 
     # -- one frame --
     def _frame_levels(self, frame_image: np.ndarray, fov: np.ndarray, polarity: str):
@@ -805,8 +832,8 @@ class Registrar:
         evaluations = 0
         for _ in range(rounds):
             with torch.no_grad():
-                weights = outlier_weights(fixed, self._moving(self.levels[finest](poses)), mask, self.highpass,
-                                          s.outlier_scale)
+                weights = outlier_weights(fixed, self._moving(self._render(self.levels[finest], poses)), mask,
+                                          self.highpass, s.outlier_scale)
             weighted[finest] = (fixed, mask * weights)
             poses, _, n, _ = self.refine(weighted, poses, s.track_iterations, levels=(finest,), tracking=True)
             evaluations += n

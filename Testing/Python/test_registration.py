@@ -15,8 +15,8 @@ from Fluoro2DRRLib.errors import InputError
 from Fluoro2DRRLib.evaluate import pose_errors
 from Fluoro2DRRLib.frames_io import load_frames
 from Fluoro2DRRLib.geometry import CArmGeometry
-from Fluoro2DRRLib.registration import (Registrar, RegistrationSettings, interpolate_pose, iter_revisit_weak_frames,
-                                        off_motion_frames, outlier_weights,
+from Fluoro2DRRLib.registration import (Registrar, RegistrationSettings, _rotation_deg, interpolate_pose,
+                                        iter_revisit_weak_frames, off_motion_frames, outlier_weights,
                                         polish_on_raw_frame, prepare_frame, prepare_frame_and_translation,
                                         register_sequence, sequence_polarity)
 from Fluoro2DRRLib.render import TwoBoneRenderer
@@ -304,6 +304,49 @@ def test_knee_completion_finds_the_tibia_under_the_femur_when_the_search_took_th
     assert e["tibia"]["in_plane_mm"] < 1.0 and e["tibia"]["rotation_deg"] < 3.0, e
     assert e["femur"]["in_plane_mm"] < 1.0 and e["femur"]["rotation_deg"] < 3.0, e
     assert new_sim > sim + 0.05, (sim, new_sim)
+
+
+def test_a_batch_over_the_pixel_budget_is_evaluated_in_chunks_with_the_objective_of_one_batch(clean, monkeypatch):
+    """max_pixels_per_evaluation bounds how many poses are rendered at once (the flexion search scores 49 pairs,
+    the automatic start refines 9: rendered together at 1024 x 1024 they held 4.2 GB). Chunks give each pose the
+    objective and the gradient one batch gives it, and the refinement the same poses."""
+    _, geometry, bones, truth, frames = clean
+    image, fov, info = prepare_frame(frames[1])
+    rng = np.random.default_rng(7)
+    starts = np.stack([np.stack([perturb(truth[n][1], bones[n].centroid_mm, 4.0, 3.0, 4.0, geometry, rng)
+                                 for n in truth]) for _ in range(5)])
+    rendered_at_once = []
+    forward = TwoBoneRenderer.forward
+
+    def spying(self, world_from_bone):
+        rendered_at_once.append((self.width, world_from_bone.shape[0]))
+        return forward(self, world_from_bone)
+
+    monkeypatch.setattr(TwoBoneRenderer, "forward", spying)
+    out = {}
+    for budget in (0, 2 * 128 * 128):  # one batch; two pairs at a time at 128 px (one at 256, eight at 64)
+        registrar = Registrar(geometry, bones, small_settings(max_pixels_per_evaluation=budget))
+        fl = registrar._frame_levels(image, fov, info["polarity"])
+        poses = torch.as_tensor(starts, dtype=torch.float32)
+        fixed, mask = fl[1]
+        x = torch.zeros(5, 2, 6, requires_grad=True)
+        rendered_at_once.clear()
+        losses = registrar._loss_backward(registrar.levels[1], fixed, mask, poses, registrar._centres(poses),
+                                          lambda part: (x[part, :, :3], x[part, :, 3:]))
+        scores = registrar.score(fl, poses, 1)
+        calls = list(rendered_at_once)
+        best, sim, _, _ = registrar.refine(fl, poses, (10, 5, 0), levels=(0, 1))
+        out[budget] = losses, x.grad.clone(), scores, calls, best[0].numpy().astype(float)
+    (loss_1, grad_1, score_1, calls_1, best_1), (loss_c, grad_c, score_c, calls_c, best_c) = out.values()
+    assert calls_1 == [(128, 5), (128, 5)] and calls_c == [(128, 2), (128, 2), (128, 1)] * 2, (calls_1, calls_c)
+    assert torch.allclose(loss_c, loss_1, atol=1e-5), (loss_1, loss_c)
+    assert torch.allclose(score_c, score_1, atol=1e-5), (score_1, score_c)
+    assert float(grad_1.abs().max()) > 1e-3  # a gradient that matters, the same per pose
+    assert torch.allclose(grad_c, grad_1, rtol=1e-3, atol=1e-5 * float(grad_1.abs().max())), (grad_1, grad_c)
+    for k, n in enumerate(truth):
+        moved_mm = np.linalg.norm((best_c[k][:3, :3] - best_1[k][:3, :3]) @ bones[n].centroid_mm
+                                  + best_c[k][:3, 3] - best_1[k][:3, 3])
+        assert moved_mm < 0.01 and _rotation_deg(best_c[k], best_1[k]) < 0.01, (n, moved_mm)
 
 
 def test_recovers_perturbed_pose_on_raw_fluoroscopy(fluoro):

@@ -201,12 +201,13 @@ def memory_check(args, details):
     d = Path(args.out) / "sim_1024"
     simulate_sequence(d, n_frames=2, seed=4, image_size=1024, overwrite=True, progress=False)
     subprocess.run([sys.executable, __file__, "--memory-child", str(d), "--threads", str(args.threads),
-                    "--out", args.out, "--reuse-cpu-buffers", args.reuse_cpu_buffers], check=True)
+                    "--out", args.out, "--reuse-cpu-buffers", args.reuse_cpu_buffers,
+                    "--max-pixels-per-evaluation", str(args.max_pixels_per_evaluation)], check=True)
     # the child reports its own peak (Linux /proc): RUSAGE_CHILDREN would count the forked copy of this process
     details["peak_rss_gb_1024"] = json.loads((Path(args.out) / "memory_child.json").read_text())["peak_rss_gb"]
 
 
-def memory_child(sim_dir, out, reuse_cpu_buffers: bool = True):
+def memory_child(sim_dir, out, reuse_cpu_buffers: bool, max_pixels_per_evaluation: int):
     from Fluoro2DRRLib import pose_io
     from Fluoro2DRRLib.bones import bone_from_mesh_file
     from Fluoro2DRRLib.calibration_io import load_calibration
@@ -222,7 +223,9 @@ def memory_child(sim_dir, out, reuse_cpu_buffers: bool = True):
     frames = load_frames(d / "frames").frames
     shutil.rmtree(Path(out) / "engine_1024", ignore_errors=True)
     run_registration(frames, geometry, bones, Path(out) / "engine_1024", {n: truth[n][:1] for n in truth},
-                     settings=RegistrationSettings(reuse_cpu_buffers=reuse_cpu_buffers), progress=False)
+                     settings=RegistrationSettings(reuse_cpu_buffers=reuse_cpu_buffers,
+                                                   max_pixels_per_evaluation=max_pixels_per_evaluation),
+                     progress=False)
     # VmHWM is this program's own high-water mark (ru_maxrss would keep the forking parent's across exec)
     hwm_kb = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
                   if line.startswith("VmHWM:"))
@@ -272,11 +275,14 @@ def main():
                     help="only the 1024 x 1024 peak-memory check (its registration in a process of its own)")
     ap.add_argument("--reuse-cpu-buffers", choices=["on", "off"], default="on",
                     help="the memory check's RegistrationSettings.reuse_cpu_buffers (freed buffers kept for reuse)")
+    ap.add_argument("--max-pixels-per-evaluation", type=int, default=RegistrationSettings().max_pixels_per_evaluation,
+                    help="the memory check's RegistrationSettings.max_pixels_per_evaluation (0: every batch at once)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_child:
-        return memory_child(args.memory_child, args.out, args.reuse_cpu_buffers == "on")
+        return memory_child(args.memory_child, args.out, args.reuse_cpu_buffers == "on",
+                            args.max_pixels_per_evaluation)
     from Fluoro2DRRLib.simulate import simulate_sequence
 
     out = Path(args.out)
@@ -287,7 +293,8 @@ def main():
     if args.memory_only:
         memory_check(args, details)
         print(f"peak resident memory registering 1024 x 1024 frames: {details['peak_rss_gb_1024']:.2f} GB "
-              f"(CPU buffer reuse {args.reuse_cpu_buffers})")
+              f"(CPU buffer reuse {args.reuse_cpu_buffers}, max_pixels_per_evaluation "
+              f"{args.max_pixels_per_evaluation})")
         return
     for case in args.cases.split(","):
         realism = "none" if case == "clean" else "fluoro"
