@@ -59,6 +59,12 @@ class RegistrationSettings:
     # search's 49 pairs at 128 px rendered as one batch held 4.2 GB; with 65536 (one pair at 256 px, four at
     # 128) the whole registration peaked at 1.04 GB (results/registration_memory_chunked_*). 0: one batch.
     max_pixels_per_evaluation: int = 65536
+    # trilinear samples per ray: spaced this many voxels along the longest chord a ray of the batch cuts through
+    # the bone's box at the poses a refinement level (or a render) starts from; one count for all of a level's
+    # evaluations (a change of count is a step in the objective). Until the fifteenth session the count came
+    # from the box's diagonal, the longest chord of any view, 2.2x what a lateral knee view cuts (77-88 mm
+    # against 171-181 mm). 0: the diagonal's count.
+    ray_step_voxels: float = 0.75
     optimizer: str = "lbfgs"  # "lbfgs" (strong-Wolfe line search) or "adam"
     rotation_scale_mm: float = 50.0  # lbfgs works on (w * this, v): radians at a lever arm of 50 mm ~ mm
     # Each level searches a bounded region around its start (smooth tanh bounds): the line search
@@ -560,6 +566,7 @@ class Registrar:
                                 tolerance_grad=1e-6, tolerance_change=1e-7, line_search_fn="strong_wolfe")
         count = [0]
         history = []
+        n_points = self._samples(renderer, poses)
 
         def bounded(x):
             w = rot_bound * torch.tanh(x[..., :3] / rot_bound) / s.rotation_scale_mm
@@ -568,7 +575,8 @@ class Registrar:
 
         def closure():
             opt.zero_grad()
-            loss = self._loss_backward(renderer, fixed, mask, poses, centre, lambda part: bounded(x[part])).sum()
+            loss = self._loss_backward(renderer, fixed, mask, poses, centre, lambda part: bounded(x[part]),
+                                       n_points).sum()
             count[0] += 1
             history.append(float(loss) / poses.shape[0])
             return loss
@@ -590,9 +598,10 @@ class Registrar:
         still = 0
         prev_w, prev_v = w.detach().clone(), v.detach().clone()
         it = 0
+        n_points = self._samples(renderer, poses)
         for it in range(n_iter):
             opt.zero_grad()
-            self._loss_backward(renderer, fixed, mask, poses, centre, lambda part: (w[part], v[part]))
+            self._loss_backward(renderer, fixed, mask, poses, centre, lambda part: (w[part], v[part]), n_points)
             opt.step()
             sched.step()
             with torch.no_grad():
@@ -612,21 +621,28 @@ class Registrar:
         per_chunk = max(1, budget // (renderer.width * renderer.height)) if budget > 0 else n_poses
         return [slice(i, min(i + per_chunk, n_poses)) for i in range(0, n_poses, per_chunk)]
 
-    def _render(self, renderer: TwoBoneRenderer, poses: torch.Tensor) -> torch.Tensor:
-        """``renderer(poses)`` without gradients, in :meth:`_chunks` (bounded memory)."""
-        with torch.no_grad():
-            return torch.cat([renderer(poses[part]) for part in self._chunks(renderer, poses.shape[0])])
+    def _samples(self, renderer: TwoBoneRenderer, poses: torch.Tensor) -> list[int] | None:
+        """Samples per ray per bone for evaluations near ``poses`` (``ray_step_voxels``; None: the diagonal's)."""
+        step = self.settings.ray_step_voxels
+        return renderer.samples_per_ray(poses, step) if step > 0 else None
 
-    def _loss_backward(self, renderer, fixed, mask, poses, centre, update) -> torch.Tensor:
+    def _render(self, renderer: TwoBoneRenderer, poses: torch.Tensor) -> torch.Tensor:
+        """``renderer(poses)`` without gradients, in :meth:`_chunks` (bounded memory), one sample count."""
+        n_points = self._samples(renderer, poses)
+        with torch.no_grad():
+            return torch.cat([renderer(poses[part], n_points) for part in self._chunks(renderer, poses.shape[0])])
+
+    def _loss_backward(self, renderer, fixed, mask, poses, centre, update, n_points=None) -> torch.Tensor:
         """The objective (joint penalty less similarity) of each pose of the batch moved by ``update(part)`` ->
         (w, v) of those poses (tensors that lead to the optimiser's leaves), in :meth:`_chunks`: each chunk's
         gradient flows into the leaves before the next is rendered, so only one chunk's samples live at a time.
+        ``n_points``: the renderer's samples per ray (:meth:`_samples` of the level's start).
         Returns the losses (B,), detached; the leaves' ``.grad`` hold the gradient of their sum."""
         losses = []
         for part in self._chunks(renderer, poses.shape[0]):
             w, v = update(part)
             current = compose_update(poses[part], centre[part], w, v)
-            loss = self.joint_penalty(current) - similarity(fixed, self._moving(renderer(current)), mask,
+            loss = self.joint_penalty(current) - similarity(fixed, self._moving(renderer(current, n_points)), mask,
                                                             self.highpass)
             total = loss.sum()
             if not total.requires_grad:  # no ray touches any bone: nothing to follow

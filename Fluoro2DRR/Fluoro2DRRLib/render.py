@@ -9,6 +9,8 @@ in geometry.py and undoes nothing implicitly.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from diffdrr.renderers import Siddon, Trilinear
@@ -54,15 +56,17 @@ class TwoBoneRenderer(torch.nn.Module):
         self.register_buffer("source", source.to(dtype))
         self.register_buffer("target", target.to(dtype))
         self.renderer_name = renderer
-        self.n_points = []
+        self.n_points = []  # per bone, trilinear: samples per ray, ~0.75 voxel steps along the box's diagonal
+        self.voxel_mm = []  # per bone: its finest voxel edge
         for i, bone in enumerate(bones):
             self.register_buffer(f"density_{i}", torch.as_tensor(bone.density, dtype=dtype))
             self.register_buffer(f"ijk_from_bone_{i}",
                                  torch.as_tensor(np.linalg.inv(bone.bone_from_ijk), dtype=dtype))
-            # Trilinear: samples at ~0.75 voxel steps along the longest chord through the bone's box.
+            # The diagonal is the longest chord any view can cut through the box: enough samples for every pose.
             diag_mm = float(np.linalg.norm(np.array(bone.density.shape) * bone.voxel_mm))
             step = step_mm or float(bone.voxel_mm.min()) * 0.75
             self.n_points.append(int(np.clip(diag_mm / step, 32, 1024)))
+            self.voxel_mm.append(float(bone.voxel_mm.min()))
         # voxel_shift=0.5 with grid_sample(align_corners=False) puts voxel centres at integer indices.
         if renderer == "trilinear":
             self.renderer = Trilinear(voxel_shift=0.5)
@@ -85,17 +89,40 @@ class TwoBoneRenderer(torch.nn.Module):
     def density(self, i: int) -> torch.Tensor:
         return getattr(self, f"density_{i}")
 
-    def forward(self, world_from_bone: torch.Tensor) -> torch.Tensor:
+    def _rays_in_bone(self, i: int, world_from_bone: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every ray's source and target (B, N, 3) in bone i's voxel indices."""
+        batch = world_from_bone.shape[0]
+        ijk_from_world = getattr(self, f"ijk_from_bone_{i}") @ rigid_inverse_torch(world_from_bone[:, i])
+        return (apply_torch(ijk_from_world, self.source.expand(batch, -1, -1)),
+                apply_torch(ijk_from_world, self.target.expand(batch, -1, -1)))
+
+    def samples_per_ray(self, world_from_bone: torch.Tensor, step_voxels: float) -> list[int]:
+        """Per bone, the trilinear samples per ray that space ``step_voxels`` voxels along the longest chord any
+        ray cuts through the bone's box at these poses (B, n_bones, 4, 4): for :meth:`forward`'s ``n_points``.
+        A view sees far shorter chords than the box's diagonal (a lateral knee: 77-88 mm against 171-181 mm)."""
+        world_from_bone = world_from_bone.detach().to(self.source)
+        ray_length = (self.target - self.source).norm(dim=-1)
+        out = []
+        with torch.no_grad():
+            for i in range(len(self.names)):
+                alpha_in, alpha_out = _ray_box_alphas(*self._rays_in_bone(i, world_from_bone), self.density(i).shape)
+                longest_mm = float(((alpha_out - alpha_in).clamp_min(0.0) * ray_length).max())
+                out.append(int(np.clip(math.ceil(longest_mm / (step_voxels * self.voxel_mm[i])) + 1, 32, 1024)))
+        return out
+
+    def forward(self, world_from_bone: torch.Tensor, n_points: list[int] | None = None) -> torch.Tensor:
+        """``n_points``: trilinear samples per ray per bone (default: enough for the box's diagonal; see
+        :meth:`samples_per_ray`). An optimiser keeps one count for all its evaluations: the count is a step in
+        the objective."""
         world_from_bone = world_from_bone.to(self.source)
         batch = world_from_bone.shape[0]
         n_rays = self.target.shape[1]
         ray_length = (self.target - self.source).norm(dim=-1).unsqueeze(1).expand(batch, -1, -1)
+        n_points = self.n_points if n_points is None else n_points
         channels = []
         for i in range(len(self.names)):
             density = self.density(i)
-            ijk_from_world = getattr(self, f"ijk_from_bone_{i}") @ rigid_inverse_torch(world_from_bone[:, i])
-            src = apply_torch(ijk_from_world, self.source.expand(batch, -1, -1))
-            tgt = apply_torch(ijk_from_world, self.target.expand(batch, -1, -1))
+            src, tgt = self._rays_in_bone(i, world_from_bone)
             if self.renderer_name == "siddon":
                 img = self.renderer(density, src, tgt, ray_length)
                 channels.append(img.view(batch, self.height, self.width))
@@ -110,7 +137,7 @@ class TwoBoneRenderer(torch.nn.Module):
             if index.numel() > 0:
                 a0 = alpha_in[:, index].unsqueeze(-1)
                 a1 = torch.maximum(alpha_out[:, index], alpha_in[:, index]).unsqueeze(-1)
-                img = self.renderer(density, src, tgt[:, index], ray_length[:, :, index], n_points=self.n_points[i],
+                img = self.renderer(density, src, tgt[:, index], ray_length[:, :, index], n_points=n_points[i],
                                     alphamin=a0, alphamax=a1)
                 full = full.index_copy(1, index, img[:, 0])
             channels.append(full.view(batch, self.height, self.width))

@@ -208,3 +208,36 @@ def test_knee_default_geometry():
     g = knee_default_geometry()
     assert g.image_size == (1000, 1000) and g.source_to_detector_mm == 980.0
     np.testing.assert_allclose(g.project(np.array([[0.0, 0.0, -830.0]]))[0], [499.5, 499.5])
+
+
+def test_samples_per_ray_follow_the_chords_the_view_cuts_through_the_bone():
+    """A rod 150 mm long in a box of 30 x 30 x 150 voxels (1 mm): seen from the side its rays cut the box's 30 mm
+    side, seen end-on its length. The count spaces 0.75 voxel along that chord (the box's diagonal, 156 mm, set it
+    for every view before), and its DRR stays close to a 1024-sample one."""
+    g = CArmGeometry(1000.0, (1.2, 1.2), (48, 40), (0.0, 0.0), np.eye(4))
+    i, j, k = np.meshgrid(np.arange(30), np.arange(30), np.arange(150), indexing="ij")
+    radius = np.hypot(i - 14.5, j - 14.5)
+    density = np.where(radius < 10.0, 0.3, 0.0) + np.where((radius >= 10.0) & (radius < 13.0), 1.0, 0.0)
+    rod = BoneModel("rod", density.astype(np.float32), np.eye(4))
+    renderer = TwoBoneRenderer(g, [rod])
+    centre = np.array([14.5, 14.5, 74.5])
+
+    def pose(turn):  # rod centre 700 mm from the source on the principal ray; turn: bone -> world rotation
+        p = np.eye(4)
+        p[:3, :3] = turn
+        p[:3, 3] = np.array([0.0, 0.0, -700.0]) - turn @ centre
+        return torch.tensor(p, dtype=torch.float32)[None, None]
+
+    side = pose(np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]]))  # the rod's axis across the beam
+    end_on = pose(np.eye(3))  # the rod's axis along the beam (world z)
+    (n_side,), (n_end,), (n_box,) = (renderer.samples_per_ray(side, 0.75), renderer.samples_per_ray(end_on, 0.75),
+                                     renderer.n_points)
+    assert n_box == int(np.linalg.norm([30, 30, 150]) / 0.75)
+    # the rays lie within 2 deg of the beam: they cut the 30 mm side (end-on: the 150 mm length) barely longer
+    assert 30 / 0.75 + 1 <= n_side <= 1.02 * 30 / 0.75 + 2, n_side
+    assert 150 / 0.75 + 1 <= n_end <= 1.02 * 150 / 0.75 + 2, (n_end, n_box)
+    with torch.no_grad():
+        reference = renderer(side, [1024])
+        err_side = float((renderer(side, [n_side]) - reference).abs().sum() / reference.sum())
+        err_box = float((renderer(side) - reference).abs().sum() / reference.sum())
+    assert reference.sum() > 0 and err_side < 5e-3, (err_side, err_box)

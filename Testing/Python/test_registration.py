@@ -34,7 +34,8 @@ def small_settings(**kw) -> RegistrationSettings:
 def sequence_logic_settings(**kw) -> RegistrationSettings:
     """The product's defaults on a 32 -> 64 -> 128 px pyramid, about a quarter of the cost: for tests of the
     sequence logic whose every bound holds there. Tried on nine (fourteenth session): six, the revisited / bridged
-    frame within 0.3 mm and 1 deg among their checks, need the product's 256 px level (small_settings)."""
+    frame within 0.3 mm and 1 deg among their checks, need the product's 256 px level (small_settings); a seventh
+    (revisit-leaves-weak) since the samples per ray follow the view (fifteenth session: 0.36 mm at 128 px)."""
     return small_settings(detector_sizes=(32, 64, 128), **kw)
 
 
@@ -318,9 +319,9 @@ def test_a_batch_over_the_pixel_budget_is_evaluated_in_chunks_with_the_objective
     rendered_at_once = []
     forward = TwoBoneRenderer.forward
 
-    def spying(self, world_from_bone):
+    def spying(self, world_from_bone, *args, **kwargs):
         rendered_at_once.append((self.width, world_from_bone.shape[0]))
-        return forward(self, world_from_bone)
+        return forward(self, world_from_bone, *args, **kwargs)
 
     monkeypatch.setattr(TwoBoneRenderer, "forward", spying)
     out = {}
@@ -347,6 +348,35 @@ def test_a_batch_over_the_pixel_budget_is_evaluated_in_chunks_with_the_objective
         moved_mm = np.linalg.norm((best_c[k][:3, :3] - best_1[k][:3, :3]) @ bones[n].centroid_mm
                                   + best_c[k][:3, 3] - best_1[k][:3, 3])
         assert moved_mm < 0.01 and _rotation_deg(best_c[k], best_1[k]) < 0.01, (n, moved_mm)
+
+
+def test_each_level_optimises_with_one_sample_count_set_by_its_view(clean, monkeypatch):
+    """ray_step_voxels: the samples per ray come from the chords the level's start poses cut through each bone's box,
+    fewer than the box's diagonal needs in this lateral view; every evaluation of one level's optimisation uses the
+    same count (a count that changed between evaluations would put steps in the objective under the line search)."""
+    _, geometry, bones, truth, frames = clean
+    image, fov, info = prepare_frame(frames[1])
+    registrar = Registrar(geometry, bones, small_settings())
+    fl = registrar._frame_levels(image, fov, info["polarity"])
+    rng = np.random.default_rng(8)
+    start = registrar._stack({n: perturb(truth[n][1], bones[n].centroid_mm, 5.0, 4.0, 5.0, geometry, rng)
+                              for n in truth})
+    evaluations = []
+    forward = TwoBoneRenderer.forward
+
+    def spying(self, world_from_bone, n_points=None):
+        if torch.is_grad_enabled():  # the optimiser's evaluations (scores render without gradients)
+            evaluations.append((self.width, tuple(n_points), tuple(self.n_points)))
+        return forward(self, world_from_bone, n_points)
+
+    monkeypatch.setattr(TwoBoneRenderer, "forward", spying)
+    registrar.refine(fl, start, (8, 6, 4))
+    assert {e[0] for e in evaluations} == {64, 128, 256} and len(evaluations) >= 9, evaluations
+    for width in (64, 128, 256):
+        counts = {e[1] for e in evaluations if e[0] == width}
+        diagonal = {e[2] for e in evaluations if e[0] == width}.pop()
+        assert len(counts) == 1, (width, counts)
+        assert all(n <= 0.7 * d for n, d in zip(counts.pop(), diagonal)), (width, evaluations)
 
 
 def test_recovers_perturbed_pose_on_raw_fluoroscopy(fluoro):
@@ -722,7 +752,7 @@ def test_a_revisit_that_leaves_a_failed_frame_weak_does_not_clear_its_flag(seque
     poses = {n: truth[n].copy() for n in truth}
     for n in truth:
         poses[n][1] = shift @ truth[n][1]
-    registrar = Registrar(geometry, bones, sequence_logic_settings())
+    registrar = Registrar(geometry, bones, small_settings())
     prepared = [prepare_frame_and_translation(f, t, "drr")[1] for f, t in zip(frames, translated)]
     quality = _quality_flagging(registrar, prepared, poses, failed_frame=1)
     tried = list(iter_revisit_weak_frames(frames, poses, quality, registrar, translated))

@@ -39,6 +39,8 @@ def variants():
         ("Adam instead of L-BFGS", {"optimizer": "adam", "track_iterations": (40, 30, 10)},
          "same iteration budget"),
         ("torch.compile renderer", {"compile_renderer": True}, "compile time excluded (first frame dropped)"),
+        ("samples for the box's diagonal", {"ray_step_voxels": 0.0},
+         "samples per ray for the longest chord of any view (the engine until the fifteenth session)"),
     ]
 
 
