@@ -57,7 +57,8 @@ class RegistrationSettings:
     # automatic start's 9 pairs, the flexion search's 49) is evaluated in chunks, the gradients summed -- the
     # same objective and steps, with the memory of one chunk. Registering 1024 x 1024 frames, the flexion
     # search's 49 pairs at 128 px rendered as one batch held 4.2 GB; with 65536 (one pair at 256 px, four at
-    # 128) the whole registration peaked at 1.04 GB (results/registration_memory_chunked_*). 0: one batch.
+    # 128) the whole registration peaked at 1.04 GB, 0.79 GB with ray_step_voxels below
+    # (results/registration_memory_chunked_*). 0: one batch.
     max_pixels_per_evaluation: int = 65536
     # trilinear samples per ray: spaced this many voxels along the longest chord a ray of the batch cuts through
     # the bone's box at the poses a refinement level (or a render) starts from; one count for all of a level's
