@@ -4,8 +4,9 @@
 
 Registers the same clean 256 x 256 frame of the procedural phantom (the test suite's scene, seed 5) from the same
 perturbed start (4 mm in-plane and in depth, 2 deg) with ``Registrar.register_frame``, buffer reuse off and on,
-alternating which goes first each round, in one process, so the machine's own speed drifts equally over both. Prints seconds, minor page faults
-and iterations per run, the median ratio, and whether the poses are bit-identical; writes the table to --out.
+alternating which goes first each round, in one process, so the machine's own speed drifts equally over both.
+Prints seconds, minor page faults and iterations per run, the median ratio, and whether the poses are
+bit-identical; writes the table to --out.
 """
 from __future__ import annotations
 
