@@ -107,6 +107,10 @@ def add_register_arguments(p):
                    help="fluoroscopy frames: after each frame, restart from the pose turned this far out of the "
                         "image plane (4 restarts) and keep a clearly better pose; frees a bone stuck a few "
                         "degrees off, roughly doubles the time per frame; 0: off (default: 6)")
+    p.add_argument("--wire-width-mm", type=float, default=None, metavar="MM",
+                   help="raw fluoroscopy: thin bright curves (EMG wires, leads) up to this wide on the detector are "
+                        "filled from their surroundings in the raw frame, so a wire along a bone's edge cannot pull "
+                        "the pose onto it; 0: off (default: 7)")
     p.add_argument("--no-fill", action="store_true",
                    help="keep a failed frame's registered pose even when it is far off its good neighbours' "
                         "motion (default: such a bone carries their interpolated pose, still flagged failed, "

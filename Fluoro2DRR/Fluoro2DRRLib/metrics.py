@@ -16,6 +16,7 @@ Every metric takes ``fixed (B, C, H, W)`` (the frame, usually ``B = 1``) and ``m
 * :func:`xvr_similarity` -- xvr's loss, as a similarity: ``0.5 * multiscale_ncc(global + 9 px) +
   0.5 * gradient_ncc(11 px patches)``.
 * :func:`field_of_view_mask` -- the circular image-intensifier field of a raw frame (numpy/scipy).
+* :func:`thin_line_mask` -- thin bright curves of a prepared raw frame (EMG wires, leads): pixels to fill.
 
 Masks are exact: a pixel with weight 0 never influences a global or patch NCC; for the gradient
 metric the mask is first eroded by the reach of the blur + Sobel stencil, so a pixel outside the
@@ -266,3 +267,41 @@ def field_of_view_mask(frame, margin_px: float = 2.0, corner_fraction: float = 0
     if iou < min_iou:
         return out(ones)
     return out(dist <= radius - margin_px)
+
+
+def thin_line_mask(image: np.ndarray, fov: np.ndarray, max_width_px: float, min_area_px: float,
+                   noise_multiple: float = 8.0, min_contrast_fraction: float = 0.03) -> np.ndarray:
+    """Pixels of thin bright curves in a prepared raw frame (line-integral polarity: attenuation is bright):
+    EMG wires, leads, cables. ``(H, W)`` bool, True on such a curve (dilated by one pixel).
+
+    A curve narrower than ``max_width_px`` stands out of the image's grey opening by a disc of that
+    diameter (the white top-hat); a bone, tens of pixels wide, does not, nor does a bone's edge, a step that
+    the opening keeps. Kept: top-hat responses above ``noise_multiple`` times the frame's noise (robust
+    spread of the lightly smoothed image's residual from a wider blur) and above ``min_contrast_fraction`` of
+    the field's intensity range (so a noise-free frame does not flag the cortex's rims), in connected pieces
+    of at least ``min_area_px`` (noise specks in bright, noisy regions are smaller). Only inside ``fov``
+    (eroded by the disc: the field's rim is not a curve).
+    """
+    from scipy import ndimage
+
+    img = np.asarray(image, dtype=np.float32)
+    inside = np.asarray(fov) > 0.5
+    radius = max(1, int(round(max_width_px / 2.0)))
+    inner = ndimage.binary_erosion(inside, iterations=radius + 2)
+    if img.ndim != 2 or inner.sum() < 16:
+        return np.zeros(img.shape[-2:], bool)
+    smooth = ndimage.gaussian_filter(img, 1.0)
+    yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    disc = (xx ** 2 + yy ** 2) <= radius ** 2
+    top_hat = smooth - ndimage.grey_opening(smooth, footprint=disc)
+    residual = (smooth - ndimage.gaussian_filter(img, 2.0))[inner]
+    noise = 1.4826 * float(np.median(np.abs(residual - np.median(residual))))
+    lo, hi = np.percentile(img[inner], [1, 99])
+    threshold = max(noise_multiple * noise, min_contrast_fraction * float(hi - lo))
+    curve = (top_hat > threshold) & inner
+    labels, count = ndimage.label(curve, structure=np.ones((3, 3)))
+    if count == 0:
+        return curve
+    sizes = ndimage.sum(curve, labels, index=np.arange(1, count + 1))
+    curve = np.isin(labels, 1 + np.flatnonzero(sizes >= min_area_px))
+    return ndimage.binary_dilation(curve)

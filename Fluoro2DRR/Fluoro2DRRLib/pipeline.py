@@ -271,6 +271,11 @@ def register_command(args) -> None:
         if not (np.isfinite(restart_deg) and 0.0 <= restart_deg <= 30.0):
             raise InputError("--restart-deg", f"{restart_deg} is not between 0 (off) and 30 degrees")
         settings.restart_rotation_deg = float(restart_deg)
+    wire_width_mm = getattr(args, "wire_width_mm", None)
+    if wire_width_mm is not None:
+        if not (np.isfinite(wire_width_mm) and 0.0 <= wire_width_mm <= 30.0):
+            raise InputError("--wire-width-mm", f"{wire_width_mm} is not between 0 (off) and 30 mm")
+        settings.raw_thin_line_width_mm = float(wire_width_mm)
     settings.fill_failed_frames = not getattr(args, "no_fill", False)
     settings.flag_off_motion_frames = not getattr(args, "no_motion_check", False)
     if getattr(args, "no_joint_prior", False):

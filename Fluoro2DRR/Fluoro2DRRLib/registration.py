@@ -118,6 +118,17 @@ class RegistrationSettings:
     # ~2 s per round per frame on one CPU thread. Depth (out-of-plane) is not helped.
     outlier_rounds: int = 3
     outlier_scale: float = 3.0
+    # raw fluoroscopy: thin bright curves (EMG wires, leads; metrics.thin_line_mask) narrower than this on the
+    # detector, in pieces of at least raw_thin_line_min_area_mm2 (a wire's piece some 100 mm long; the bones'
+    # own thin lines -- a plateau's or a condyle's cortex seen edge-on -- gave pieces of 90-320 mm2 on the
+    # benchmark's frames), are filled from their surroundings in the raw frame before anything is compared
+    # with it. The re-weighting above down-weights what the bones cannot explain at the current pose; a wire
+    # along a bone's edge is explained by moving the edge onto it. Seed 22 (effects once per sequence), a wire
+    # looping round the condyles: the raw frame's polish took the femur 12.8 deg / 2.5 mm off, even from the
+    # true pose; with the wire filled, 0.3-0.4 deg / 0.5 mm from there and from the wrong pose
+    # (results/registration_translated_wire_fill_*). 0 leaves the frame as it is.
+    raw_thin_line_width_mm: float = 7.0
+    raw_thin_line_min_area_mm2: float = 500.0
     # translated frames: compare in the networks' output space, exp(-S / scale), where their errors are
     # uniform ("target"), or in line integrals, -log of it, which amplifies them inside dense bone ("log")
     translated_space: str = "target"
@@ -316,13 +327,44 @@ def sequence_polarity(frames: np.ndarray, polarity: str = "auto") -> str:
     return detect_sequence_polarity(frames)[0]
 
 
-def prepare_frame_and_translation(frame: np.ndarray, translated: np.ndarray | None, polarity: str = "auto"):
+# a raw frame's field-of-view value for a pixel filled from its surroundings (Registrar.fixed_levels)
+FILLED_PIXEL = 0.5
+
+
+def fill_from_surroundings(image: np.ndarray, holes: np.ndarray, sigma_px: float) -> np.ndarray:
+    """``image`` with the ``holes`` pixels replaced by the Gaussian-weighted mean of the pixels around them
+    (normalised convolution). Left out of the field of view alone, a wire still pulls: the raw frame's
+    similarity high-passes the image, so the wire leaves a halo some 20 px wide around its hole."""
+    from scipy import ndimage
+
+    keep = (~holes).astype(np.float32)
+    weight = ndimage.gaussian_filter(keep, sigma_px)
+    mean = ndimage.gaussian_filter(np.asarray(image, np.float32) * keep, sigma_px) / np.maximum(weight, 1e-6)
+    return np.where(holes, mean, image).astype(np.float32)
+
+
+def prepare_frame_and_translation(frame: np.ndarray, translated: np.ndarray | None, polarity: str = "auto",
+                                  thin_lines_px: tuple[float, float] | None = None):
     """-> (the raw frame prepared, the image to register): the translated frame prepared when there is one
-    (its field of view taken from the raw frame), else the raw frame again."""
+    (its field of view taken from the raw frame), else the raw frame again. ``thin_lines_px`` (widest curve,
+    smallest piece, in the frame's pixels: :meth:`Registrar.thin_lines_px`) fills a raw fluoroscopy frame's
+    thin bright curves (:func:`metrics.thin_line_mask`) from their surroundings (:func:`fill_from_surroundings`)
+    and marks them FILLED_PIXEL in its field of view (:meth:`Registrar.fixed_levels`: left out of every level but
+    the coarsest; the prepared info's ``thin_line_pixels`` counts them); the translated frame is left as it is
+    (the networks remove wires)."""
     raw_prepared = prepare_frame(frame, polarity)
-    if translated is None:
-        return raw_prepared, raw_prepared
-    return raw_prepared, prepare_translated_frame(frame, translated, fov=raw_prepared[1])
+    translated_prepared = None if translated is None else prepare_translated_frame(frame, translated,
+                                                                                   fov=raw_prepared[1])
+    if thin_lines_px is not None and raw_prepared[2]["polarity"] == "xray":
+        from .metrics import thin_line_mask
+
+        image, fov, info = raw_prepared
+        curves = thin_line_mask(image, fov, *thin_lines_px)
+        if curves.any():
+            image = fill_from_surroundings(image, curves, sigma_px=thin_lines_px[0])
+            fov = np.where(curves & (fov > 0), FILLED_PIXEL, fov).astype(np.float32)
+        raw_prepared = (image, fov, {**info, "thin_line_pixels": int(curves.sum())})
+    return raw_prepared, raw_prepared if translated_prepared is None else translated_prepared
 
 
 def _downsample(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -500,12 +542,21 @@ class Registrar:
         return self.settings.joint_prior_weight * (depth ** 2 + separation ** 2 + off_axis ** 2)
 
     def fixed_levels(self, image: np.ndarray, fov: np.ndarray):
+        """The frame's pyramid: (image, mask) per level. ``fov``: 1 in the field, 0 outside, FILLED_PIXEL for
+        pixels filled from their surroundings (a wire's: :func:`prepare_frame_and_translation`), which every level
+        but the coarsest leaves out. At the coarsest (64 px, 4.4 mm pixels on the benchmark) a left-out wire takes
+        a band of coarse pixels with it, and with it a bone edge the wire runs along (seed 22 frame 13: from the
+        true pose the tibia went 7.8 mm off; kept there, filled, 0.2 mm). The fill alone on the finer levels
+        leaves a blurred edge beside the wire that still pulls (a wire 2 px outside a femur's outline: 4.9 deg
+        off when only the finest level left it out, 0.3 deg when every level but the coarsest did).
+        """
         img = torch.as_tensor(image, dtype=torch.float32, device=self.device)[None, None]
         msk = torch.as_tensor(fov, dtype=torch.float32, device=self.device)[None, None]
+        in_field = (msk > 0.5 * FILLED_PIXEL).float()
         out = []
-        for r in self.levels:
+        for k, r in enumerate(self.levels):
             size = (r.width, r.height)
-            m = (_downsample(msk, size) > 0.99).float()
+            m = (_downsample(msk if k > 0 else in_field, size) > 0.99).float()
             out.append((_downsample(img, size), m))
         return out
 
@@ -803,6 +854,15 @@ class Registrar:
             frame_image = 1.0 - np.exp(-np.asarray(frame_image, np.float32))
         return self.fixed_levels(frame_image, fov)
 
+    def thin_lines_px(self, frame_shape) -> tuple[float, float] | None:
+        """(widest curve, smallest piece) of ``raw_thin_line_*`` in the pixels of a frame of ``frame_shape``
+        (its pixels span the calibrated detector), for :func:`prepare_frame_and_translation`; None when off."""
+        s = self.settings
+        if s.raw_thin_line_width_mm <= 0:
+            return None
+        pixel_mm = self.geometry.pixel_spacing_mm[0] * self.geometry.width / float(frame_shape[-1])
+        return s.raw_thin_line_width_mm / pixel_mm, s.raw_thin_line_min_area_mm2 / pixel_mm ** 2
+
     def similarities_at(self, frame_image: np.ndarray, fov: np.ndarray, poses: list[dict[str, np.ndarray]],
                         polarity: str = "drr") -> list[float]:
         """The objective at each of several poses on the finest level (as :meth:`register_frame` scores them):
@@ -1083,7 +1143,8 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
             break
         t0 = time.time()
         raw_prepared, (image, fov, frame_info) = prepare_frame_and_translation(
-            frames[i], None if translated is None else translated[i], polarity)
+            frames[i], None if translated is None else translated[i], polarity,
+            registrar.thin_lines_px(np.shape(frames[i])))
         last_good = int(np.flatnonzero(good[:i])[-1]) if good[:i].any() else None
         reinit = False
         note = ""
@@ -1224,7 +1285,8 @@ def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], q
                 continue
             t0 = time.time()
             raw_prepared, (image, fov, info) = prepare_frame_and_translation(
-                frames[i], None if translated_frames is None else translated_frames[i], polarity)
+                frames[i], None if translated_frames is None else translated_frames[i], polarity,
+                registrar.thin_lines_px(np.shape(frames[i])))
             old_pose = {nm: poses[nm][i] for nm in names}
             old_sim = registrar.similarity_at(image, fov, old_pose, info["polarity"]) if _finite(old_pose) else -np.inf
             start = {nm: poses[nm][j] for nm in names}
@@ -1358,7 +1420,8 @@ def _bridge_failed_frames(frames, poses, by_frame, registrar: Registrar, transla
         start, where, how = motion
         t0 = time.time()
         raw_prepared, (image, fov, info) = prepare_frame_and_translation(
-            frames[i], None if translated_frames is None else translated_frames[i], polarity)
+            frames[i], None if translated_frames is None else translated_frames[i], polarity,
+            registrar.thin_lines_px(np.shape(frames[i])))
         raw_image, raw_fov, raw_info = raw_prepared
         result, new_raw, iters, conv = registrar.register_frame(raw_image, raw_fov, start, False, True,
                                                                 raw_info["polarity"])

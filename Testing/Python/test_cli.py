@@ -144,6 +144,9 @@ def test_bad_inputs(sim, tmp_path, capsys):
     assert _register(sim, out, **{"--restart-deg": "-1"}) == 2
     _one_line_error(capsys, "--restart-deg", "between 0 (off) and 30")
     assert not out.exists()
+    assert _register(sim, out, **{"--wire-width-mm": "nan"}) == 2
+    _one_line_error(capsys, "--wire-width-mm", "between 0 (off) and 30")
+    assert not out.exists()
     # frame size that disagrees with the calibration
     frames = load_frames(sim / "frames").frames
     small = tmp_path / "small_frames"
@@ -189,5 +192,5 @@ def test_register_help_shows_the_interface(capsys):
     text = capsys.readouterr().out
     for flag in ("--frames", "--calibration", "--femur", "--tibia", "--ct", "--labels", "--femur-label",
                  "--tibia-label", "--init-femur", "--init-tibia", "--translation", "--device", "--resume", "--out",
-                 "--restart-deg", "--no-fill", "--no-motion-check", "--no-joint-prior"):
+                 "--restart-deg", "--wire-width-mm", "--no-fill", "--no-motion-check", "--no-joint-prior"):
         assert flag in text

@@ -153,3 +153,42 @@ def test_fov_mask_all_ones_without_circle():
     drr_like[30:70, 20:50] = 5.0  # a bright rectangle on a dark background: not a field
     assert M.field_of_view_mask(drr_like).min() == 1.0
     assert M.field_of_view_mask(np.full((50, 50), 7.0)).min() == 1.0
+
+
+def wire_scene(noise: float = 0.01, seed: int = 3):
+    """A prepared raw frame (line-integral polarity, 256 px): a soft-tissue ramp, a bone (a wide bright
+    rounded block), a 3 px wire curving across both, noise; with the wire's centre line, its pixels and the bone."""
+    rng = np.random.default_rng(seed)
+    n = 256
+    yy, xx = np.mgrid[:n, :n].astype(float)
+    image = 0.3 + 0.2 * xx / n  # soft tissue
+    bone = ((xx - 128) / 45) ** 4 + ((yy - 120) / 70) ** 4 < 1.0
+    image += 0.5 * bone
+    wire_y = 60 + 150 * (xx / n) + 25 * np.sin(xx / 20)  # crosses the bone and its edges
+    wire = 0.25 * np.exp(-0.5 * ((yy - wire_y) / 1.2) ** 2) * ((xx > 20) & (xx < 236))
+    image += wire
+    centre = (np.abs(yy - wire_y) < 0.6) & (xx > 30) & (xx < 226)
+    image += rng.normal(0.0, noise, image.shape)
+    return image.astype(np.float32), np.ones((n, n), np.float32), centre, wire > 0.01, bone
+
+
+def test_thin_line_mask_takes_the_wire_not_the_bone_or_the_noise():
+    from scipy import ndimage
+
+    image, fov, centre, wire, bone = wire_scene()
+    mask = M.thin_line_mask(image, fov, max_width_px=7.0, min_area_px=40.0)
+    assert mask.dtype == bool and mask.shape == image.shape
+    assert mask[centre].mean() > 0.9, mask[centre].mean()  # the wire is taken, along its whole length
+    away = ~ndimage.binary_dilation(wire, iterations=2)
+    assert mask[away & bone].mean() < 0.005, mask[away & bone].mean()  # the bone and its edges are not
+    assert mask[away].mean() < 0.005, mask[away].mean()  # nor the noise
+    # a noise-free frame without wires (soft tissue's broad swell, the bone): nothing is taken (with no noise to
+    # measure against, the contrast floor keeps the swell's faint top-hat out)
+    yy, xx = np.mgrid[:256, :256]
+    swell = 0.3 * np.exp(-((xx - 90.0) ** 2 + (yy - 150.0) ** 2) / (2 * 40.0 ** 2))
+    clean_bone = (0.3 + swell + 0.5 * bone).astype(np.float32)
+    assert M.thin_line_mask(clean_bone, fov, 7.0, 40.0).sum() == 0
+    # outside the field nothing is taken, and the field's rim is not a curve
+    circle = ((np.mgrid[:256, :256] - 128.0) ** 2).sum(0) < 100.0 ** 2
+    inside_only = M.thin_line_mask(image * circle, circle.astype(np.float32), 7.0, 40.0)
+    assert not inside_only[~circle].any() and inside_only[centre & circle].mean() > 0.85
