@@ -127,7 +127,9 @@ class RegistrationSettings:
     # looping round the condyles: the raw frame's polish took the femur 12.8 deg / 2.5 mm off, even from the
     # true pose. With the wire filled (and left out of the finer levels: Registrar.fixed_levels) that sequence's
     # femur frames 2-9 end 0.19-0.29 mm / 0.5-2.3 deg off, every frame of both bones within 1 mm
-    # (results/registration_translated_wire_fill_*). 0 leaves the frame as it is.
+    # (results/registration_translated_wire_fill_*). A bone line joined to a wire stays when the translated
+    # frame shows it too (prepare_frame_and_translation; results/registration_translated_wire_bone_ridges_*).
+    # 0 leaves the frame as it is.
     raw_thin_line_width_mm: float = 7.0
     raw_thin_line_min_area_mm2: float = 500.0
     # translated frames: compare in the networks' output space, exp(-S / scale), where their errors are
