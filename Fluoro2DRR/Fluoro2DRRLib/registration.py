@@ -367,7 +367,7 @@ def prepare_frame_and_translation(frame: np.ndarray, translated: np.ndarray | No
         if curves.any() and translated_prepared is not None:
             # a thin curve the translated frame shows too is bone, not a wire (the networks remove wires): the
             # tibial plateau's rim or the condyles' overlap line, joined to a wire that crosses it. Filled with
-            # the wire, seed 23's tibia tilted 4.6 deg out of plane on frame 17 (kept: 0.5 deg; README)
+            # the wire, seed 23's tibia tilted 4.6 deg out of plane on frame 17 (kept: 0.6 deg from the truth; README)
             from scipy import ndimage
 
             ridges = ndimage.binary_dilation(thin_line_mask(translated_prepared[0], fov, thin_lines_px[0], 1.0))
