@@ -347,7 +347,10 @@ def test_a_batch_over_the_pixel_budget_is_evaluated_in_chunks_with_the_objective
     for k, n in enumerate(truth):
         moved_mm = np.linalg.norm((best_c[k][:3, :3] - best_1[k][:3, :3]) @ bones[n].centroid_mm
                                   + best_c[k][:3, 3] - best_1[k][:3, 3])
-        assert moved_mm < 0.01 and _rotation_deg(best_c[k], best_1[k]) < 0.01, (n, moved_mm)
+        # the same pose: the chunks sum the objective in another order, and float32 rounding carried through the
+        # refinement's line searches moves the result by 0.017 deg on an AMD EPYC (< 0.01 deg on an Intel Xeon)
+        turned_deg = _rotation_deg(best_c[k], best_1[k])
+        assert moved_mm < 0.01 and turned_deg < 0.05, (n, moved_mm, turned_deg)
 
 
 def test_each_level_optimises_with_one_sample_count_set_by_its_view(clean, monkeypatch):
@@ -477,8 +480,11 @@ def test_one_polarity_for_the_whole_sequence(fluoro):
                                start_frame=1, previous={n: truth[n][:2] for n in truth},
                                previous_quality=[{"frame": 0, "similarity": 0.9, "failed": False}])
     assert [q["frame"] for q in result.quality] == [1] and sequence_polarity(frames[:2], "auto") == "xray"
+    # success as the field counts it (in-plane < 1 mm): misread, the frame is 14-16 mm off. The last half
+    # millimetre is the CPU's: < 0.5 mm for both bones on an Intel Xeon, 0.50 / 0.64 mm (0.25 / 0.71 deg) on an
+    # AMD EPYC with the same code and packages
     for n, e in errors({n: result.poses[n][1] for n in truth}, truth, bones, geometry, 1).items():
-        assert e["in_plane_mm"] < 0.5 and e["rotation_deg"] < 2.0, (n, e)
+        assert e["in_plane_mm"] < 1.0 and e["rotation_deg"] < 2.0, (n, e)
 
 
 def test_automatic_start_from_far_default(clean, two_threads):
