@@ -263,6 +263,15 @@ def test_input_errors():
     bad[1, 3, 3] = np.nan
     with pytest.raises(InputError, match=r"\[1\].*NaN"):
         tr.translate(bad)
+    # the finiteness test sums each frame: +inf and -inf in one frame, inf in an int frame, and the largest
+    # float32 values (whose float32 sum would overflow) must each be told right
+    both = np.zeros((2, 16, 16), np.float32)
+    both[1, 0, 0], both[1, 5, 5] = np.inf, -np.inf
+    with pytest.raises(InputError, match=r"\[1\].*inf"):
+        tr.translate(both)
+    huge = np.full((1, 16, 16), np.finfo(np.float32).max, np.float32)
+    huge[0, :8] = 0
+    assert np.isfinite(tr.translate(huge)).all()
     with pytest.raises(InputError, match="stage"):
         inference.Translator.load(device="cpu", stage="3")
 

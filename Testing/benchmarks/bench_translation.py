@@ -56,10 +56,11 @@ def main(argv=None):
         gpu.translate(frames[:8])
         torch.cuda.synchronize()
         t = time.perf_counter()
-        gpu.translate(frames, batch=16)
+        gpu.translate(frames)
         torch.cuda.synchronize()
         print(f"CUDA ({torch.cuda.get_device_name()}): {len(frames) / (time.perf_counter() - t):.1f} frames/s "
-              "(512x512, batch 16, float16 autocast)")
+              f"(512x512, default batch {gpu.default_batch()}, float16 autocast; Testing/benchmarks/bench_gpu.py "
+              "measures more: batch sizes, the networks alone, agreement with the CPU)")
     else:
         print("CUDA: not available")
 

@@ -87,7 +87,8 @@ def add_translate_parser(subparsers):
     p.add_argument("--frames", required=True, help="folder, glob or file of frames")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=None,
+                   help="frames per network pass (default: 8 on the CPU, 32 on CUDA)")
     p.add_argument("--stage", default="both", choices=["1", "2", "both"])
     p.add_argument("--model-dir", default=None, help="model folder (default: bundled Resources/Models)")
     p.set_defaults(func=run_translate)
@@ -113,7 +114,7 @@ def run_translate(args) -> int:
     from ..frames_io import load_frames
     from .inference import Translator
 
-    if args.batch < 1:
+    if args.batch is not None and args.batch < 1:
         raise InputError("--batch", "must be at least 1")
     stack = load_frames(args.frames)
     tr = Translator.load(args.model_dir, device=args.device, stage=args.stage)
