@@ -292,7 +292,8 @@ def profile_tracking(case, res, n_frames: int = 5):
 
 def profile_kernels(case, res, n_frames: int = 2):
     """The device's own time by operator (torch.profiler, CPU and CUDA activities) over ``register_sequence``
-    on frames 0..n-1 from the truth of frame 0: what the backward pass spends its time on."""
+    on frames 0..n-1 from the truth of frame 0: what the backward pass spends its time on. Slow: on the H200,
+    2 frames had not finished after 150 s under the profiler (results/gpu_2026-12-04.md); use 1 frame."""
     from torch.profiler import ProfilerActivity, profile
 
     from Fluoro2DRRLib.registration import register_sequence
@@ -327,7 +328,7 @@ def run(args) -> int:
                 "translation": lambda: translation_speed(case, res, args.speed_frames, args.batches),
                 "registration": lambda: registration(case, res, args.registration_frames),
                 "profile": lambda: profile_tracking(case, res, args.profile_frames),
-                "kernels": lambda: profile_kernels(case, res, min(args.profile_frames, 3))}
+                "kernels": lambda: profile_kernels(case, res, 1)}
     print(f"case: {case['about']}", flush=True)
     for name in args.sections.split(","):
         t = time.time()
