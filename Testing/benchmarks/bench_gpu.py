@@ -46,23 +46,17 @@ def make_case(path: Path, n_pairs: int, n_frames: int, seed: int, effects_per: s
     from Fluoro2DRRLib import pose_io
     from Fluoro2DRRLib.bones import bone_from_mesh_file
     from Fluoro2DRRLib.calibration_io import load_calibration
-    from Fluoro2DRRLib.fluoro_sim import clean_drr_target, simulate_fluoroscopy
     from Fluoro2DRRLib.frames_io import load_frames
     from Fluoro2DRRLib.simulate import simulate_sequence
-    from Fluoro2DRRLib.translation.data import DRRSource
+    from Fluoro2DRRLib.translation.data import DRRSource, make_pair
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_registration import far_default
+    from bench_registration import LABELMAP, far_default  # LABELMAP: the README tables' subject, when present
 
-    # held-out pairs: phantom seeds 5000+ (training used 1000-1015), rendered at 512 px
+    # held-out pairs: phantom seeds 5000+ (training used 1000-1015), rendered at 512 px, strength 0.6-1.2
     source = DRRSource(n_phantoms=2, image_size=512, first_phantom_seed=5000)
-    frames, targets = [], []
-    for k in range(n_pairs):
-        rng = np.random.default_rng([888888, k])
-        li = source.sample(rng, 512)
-        frames.append(simulate_fluoroscopy(li, rng, None, float(rng.uniform(0.6, 1.2))))
-        targets.append(clean_drr_target(li))
-    from bench_registration import LABELMAP  # the subject of the README's CPU tables, when ../shared is there
+    pairs = [make_pair(source, np.random.default_rng([888888, k]), 512)[:2] for k in range(n_pairs)]
+    frames, targets = [p[0] for p in pairs], [p[1] for p in pairs]
 
     subject = {"labelmap": str(LABELMAP)} if LABELMAP.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,17 +90,12 @@ def _peak_gpu_gb():
     return torch.cuda.max_memory_allocated() / 2 ** 30 if DEVICE == "cuda" else float("nan")
 
 
-def _psnr(a, b):
-    return float(10 * np.log10(1.0 / max(float(np.mean((a - b) ** 2)), 1e-12)))
-
-
-def _ncc(a, b):
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
-
-
 def agreement(case, res):
     from Fluoro2DRRLib.translation.inference import Translator
+    from Fluoro2DRRLib.translation.train import ncc, psnr
+
+    def per_frame(metric, images):  # the training's own metrics, one value per frame, averaged
+        return float(metric(torch.from_numpy(images)[:, None], torch.from_numpy(targets)[:, None]).mean())
 
     frames, targets = case["pairs"]
     cpu = Translator.load(device="cpu").translate(frames)
@@ -116,11 +105,9 @@ def agreement(case, res):
         "frames": int(len(frames)), "size": list(frames.shape[1:]),
         "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
         "p999_abs_diff": float(np.quantile(diff, 0.999)),
-        "psnr_cpu": float(np.mean([_psnr(c, t) for c, t in zip(cpu, targets)])),
-        "psnr_cuda": float(np.mean([_psnr(g, t) for g, t in zip(gpu, targets)])),
-        "ncc_cpu": float(np.mean([_ncc(c, t) for c, t in zip(cpu, targets)])),
-        "ncc_cuda": float(np.mean([_ncc(g, t) for g, t in zip(gpu, targets)])),
-        "psnr_raw": float(np.mean([_psnr((f - f.min()) / max(np.ptp(f), 1e-6), t) for f, t in zip(frames, targets)])),
+        "psnr_cpu": per_frame(psnr, cpu), "psnr_cuda": per_frame(psnr, gpu),
+        "ncc_cpu": per_frame(ncc, cpu), "ncc_cuda": per_frame(ncc, gpu),
+        "psnr_raw": per_frame(psnr, np.stack([(f - f.min()) / max(np.ptp(f), 1e-6) for f in frames])),
     }
     # a ragged case: 37 non-square frames in batches of 16 (the last batch short)
     rng = np.random.default_rng(1)
