@@ -965,6 +965,18 @@ class Registrar:
         return poses, before, after, evaluations
 
 
+def polish_dissimilarity_ratios(registrar: Registrar, translated_prepared: tuple, poses: dict[str, np.ndarray],
+                                polished: dict[str, np.ndarray]) -> dict[str, float]:
+    """How much worse the translated frame explains each bone's polish: per bone, the translated frame's
+    dissimilarity (1 - similarity) with that bone polished and the others where the translated frame put them,
+    over its dissimilarity at ``poses``; ``"all"``: every bone polished. One batched render."""
+    t_image, t_fov, t_info = translated_prepared
+    candidates = [poses, polished] + [{**poses, n: polished[n]} for n in registrar.names]
+    d = [1.0 - v for v in registrar.similarities_at(t_image, t_fov, candidates, t_info["polarity"])]
+    base = max(d[0], 1e-6)
+    return {"all": d[1] / base, **{n: d[2 + i] / base for i, n in enumerate(registrar.names)}}
+
+
 def polish_on_raw_frame(registrar: Registrar, raw_prepared: tuple, poses: dict[str, np.ndarray],
                         translated_prepared: tuple | None = None) -> dict[str, np.ndarray]:
     """Last refinement on the raw frame (its own polarity, high-passed) from a pose found on the translated one.

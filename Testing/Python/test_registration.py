@@ -17,8 +17,9 @@ from Fluoro2DRRLib.frames_io import load_frames
 from Fluoro2DRRLib.geometry import CArmGeometry
 from Fluoro2DRRLib.registration import (FILLED_PIXEL, Registrar, RegistrationSettings, _rotation_deg,
                                         interpolate_pose, iter_revisit_weak_frames, off_motion_frames, outlier_weights,
-                                        polish_on_raw_frame, prepare_frame, prepare_frame_and_translation,
-                                        register_sequence, sequence_polarity)
+                                        polish_dissimilarity_ratios, polish_on_raw_frame, prepare_frame,
+                                        prepare_frame_and_translation, prepare_translated_frame, register_sequence,
+                                        sequence_polarity)
 from Fluoro2DRRLib.render import TwoBoneRenderer
 
 SIZE = 256
@@ -989,6 +990,27 @@ def test_an_out_of_plane_restart_the_raw_frame_disagrees_with_is_dropped(sequenc
     assert "restart" not in result.quality[0]["note"], result.quality[0]
     for n, e in errors({n: result.poses[n][0] for n in truth}, truth, bones, geometry, 0).items():
         assert e["in_plane_mm"] < 0.3 and e["rotation_deg"] < 1.0, (n, e)
+
+
+def test_polish_ratios_score_each_bone_against_the_translated_frame(sequence):
+    """``polish_dissimilarity_ratios``: per bone, the translated frame's dissimilarity with only that bone moved
+    to the polished pose, over its dissimilarity at the translated poses. A femur turned 4 deg by a "polish"
+    makes the femur's ratio (and "all") grow, leaves the tibia's at exactly 1."""
+    from Fluoro2DRRLib.fluoro_sim import clean_drr_target
+    from Fluoro2DRRLib.simulate import CLEAN_DRR_COUNTS_PER_MM
+
+    _, geometry, bones, truth, frames = sequence
+    translated = clean_drr_target(frames[0] / CLEAN_DRR_COUNTS_PER_MM)  # perfect networks
+    prepared = prepare_translated_frame(frames[0], translated)
+    registrar = Registrar(geometry, bones, small_settings())
+    at_truth = {n: truth[n][0] for n in truth}
+    femur_turned = {**at_truth, "femur": _turned({"femur": at_truth["femur"]}, {"femur": bones["femur"]},
+                                                 geometry.world_from_source[:3, 1], 4.0)["femur"]}
+    same = polish_dissimilarity_ratios(registrar, prepared, at_truth, at_truth)
+    assert all(v == pytest.approx(1.0, abs=1e-6) for v in same.values()), same
+    ratios = polish_dissimilarity_ratios(registrar, prepared, at_truth, femur_turned)
+    assert ratios["femur"] > 1.5 and ratios["all"] == pytest.approx(ratios["femur"], rel=1e-6), ratios
+    assert ratios["tibia"] == pytest.approx(1.0, abs=1e-6), ratios
 
 
 def test_bad_inputs_are_clear(clean):

@@ -212,6 +212,19 @@ def test_bundled_weights_load_and_are_deterministic():
 
 
 @needs_weights
+def test_bundled_weights_come_from_the_committed_recipe():
+    """models.json's config hash is the hash of Resources/Models/translation_config.json as training merges it:
+    the bundled weights are what `fluoro2drr train --config` of that file makes (a config edited without
+    retraining, or weights swapped without their config, fails here). The GPU recipe beside it trained other
+    weights (not bundled: results/translation_gpu_training_2026-12-04.md)."""
+    from Fluoro2DRRLib.translation.train import config_hash, merge_config
+
+    info = json.loads((MODEL_DIR / "models.json").read_text())
+    assert info["config_hash"] == config_hash(merge_config(MODEL_DIR / "translation_config.json"))
+    assert info["config_hash"] != config_hash(merge_config(MODEL_DIR / "translation_config_gpu.json"))
+
+
+@needs_weights
 def test_translation_moves_frames_towards_the_clean_target():
     """Held-out simulated frames (seeds never used for training): NCC to the clean target improves."""
     src = Procedural2DKneeSource()
@@ -390,7 +403,9 @@ def test_fine_tuning_the_bundled_model_on_paired_frames(tmp_path):
 
     before = fit(inference.Translator.for_option("bundled", "cpu"))
     after = fit(inference.Translator.for_option(str(tmp_path / "mine"), "cpu"))
-    assert after > before + 0.03, (before, after)
+    # the fine-tuned model leaves less than half the bundled one's dissimilarity (1 - NCC) on the user's frames
+    # (measured: 0.74 -> 0.98 from the CPU recipe's weights, 0.974 -> 0.994 from the GPU recipe's)
+    assert 1 - after < 0.5 * (1 - before), (before, after)
     # starting from a model without paired frames is refused
     args = parser.parse_args(["train", "--init-from", "bundled", "--out", str(tmp_path / "x")])
     with pytest.raises(InputError, match="--init-from.*paired"):
@@ -402,6 +417,56 @@ def test_scheduled_lr():
     cfg = {"lr": 2e-4, "lr_schedule": [[40, 5e-5], [0, 2e-4], [50, 1e-5]]}
     assert [scheduled_lr(cfg, e) for e in (0, 39, 40, 49, 50, 80)] == [2e-4, 2e-4, 5e-5, 5e-5, 1e-5, 1e-5]
     assert scheduled_lr({"lr": 3e-4}, 7) == 3e-4
+    # a budgeted run: by the fraction of its time budget spent, not by epoch
+    cfg["lr_schedule_budget_fraction"] = [[0, 2e-4], [0.7, 5e-5]]
+    assert [scheduled_lr(cfg, 0, 10.0, m) for m in (0.0, 6.9, 7.0, 12.0)] == [2e-4, 2e-4, 5e-5, 5e-5]
+    assert scheduled_lr(cfg, 45, None, 3.0) == 5e-5  # no budget: the epoch schedule
+
+
+def test_phantom_shape_variety_changes_the_bones_and_leaves_the_template_alone():
+    """``shape_variety`` 0 is the template (every test and benchmark's phantoms, bit for bit); 1 moves and resizes
+    every part (measured: volumes 0.92-1.18x the template's on seeds 1000-1002), each bone still one solid,
+    the same shapes for the same seed."""
+    from scipy import ndimage
+
+    from Fluoro2DRRLib.phantom import make_knee_phantom
+
+    template = make_knee_phantom(1002, voxel_mm=1.2, mesh=False)
+    varied = make_knee_phantom(1002, voxel_mm=1.2, mesh=False, shape_variety=1.0)
+    again = make_knee_phantom(1002, voxel_mm=1.2, mesh=False, shape_variety=1.0)
+    ratios = {}
+    for name in ("femur", "tibia"):
+        np.testing.assert_array_equal(varied[name].density, again[name].density)
+        solid = varied[name].density > 0
+        assert ndimage.label(solid)[1] == 1, name
+        ratios[name] = solid.sum() / (template[name].density > 0).sum()
+    assert all(0.75 < r < 1.35 for r in ratios.values()), ratios
+    assert max(abs(r - 1) for r in ratios.values()) > 0.05, ratios  # measured 1.18 / 1.10
+    with pytest.raises(ValueError, match="shape_variety"):
+        make_knee_phantom(0, voxel_mm=1.2, mesh=False, shape_variety=-1.0)
+
+
+def test_a_bad_worker_count_is_a_clear_error(tmp_path):
+    from Fluoro2DRRLib.translation.train import train
+
+    for bad in ("many", -1, 2.5):
+        with pytest.raises(InputError, match="data.workers"):
+            train({"data": {"workers": bad}}, tmp_path / "run", device="cpu", progress=False)
+
+
+def test_parallel_pair_building_draws_the_same_pairs_as_the_serial_loop(tmp_path):
+    """``build_cache(workers=2)`` (phantoms built and frames simulated in 2 processes, line integrals rendered
+    here in batches per phantom): every pair bit for bit the serial loop's, the same random draws per pair."""
+    from Fluoro2DRRLib.translation.data import DRRSource
+
+    serial = build_cache(tmp_path / "serial.npz", 5, 64, seed=3, progress=False,
+                         source=DRRSource(n_phantoms=2, first_phantom_seed=5000, image_size=64))
+    parallel = build_cache(tmp_path / "parallel.npz", 5, 64, seed=3, progress=False, workers=2, compress=False,
+                           source=DRRSource(n_phantoms=2, first_phantom_seed=5000, image_size=64))
+    a, b = np.load(serial), np.load(parallel)
+    assert a["frames"].std() > 10  # real frames, not zeros
+    for key in ("frames", "targets", "masks"):
+        np.testing.assert_array_equal(a[key], b[key])
 
 
 @needs_weights

@@ -228,7 +228,7 @@ def translation_speed(case, res, n_frames: int, batches):
     out["peak_gpu_memory_gb"] = _peak_gpu_gb()
 
 
-def registration(case, res, n_frames: int):
+def registration(case, res, n_frames: int, translation: str = "bundled"):
     import tempfile
 
     from Fluoro2DRRLib.evaluate import pose_errors, summarise
@@ -240,7 +240,7 @@ def registration(case, res, n_frames: int):
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    result = run_registration(seq, geometry, bones, Path(tempfile.mkdtemp()) / "registration", None, "bundled", device=DEVICE,
+    result = run_registration(seq, geometry, bones, Path(tempfile.mkdtemp()) / "registration", None, translation, device=DEVICE,
                               progress=True, default_poses=case["default"])
     total = time.time() - t0
     secs = [q["seconds"] for q in result.quality]
@@ -313,7 +313,7 @@ def run(args) -> int:
         case = pickle.load(f)
     sections = {"agreement": lambda: agreement(case, res),
                 "translation": lambda: translation_speed(case, res, args.speed_frames, args.batches),
-                "registration": lambda: registration(case, res, args.registration_frames),
+                "registration": lambda: registration(case, res, args.registration_frames, args.translation),
                 "profile": lambda: profile_tracking(case, res, args.profile_frames),
                 "kernels": lambda: profile_kernels(case, res, 1)}
     print(f"case: {case['about']}", flush=True)
@@ -348,6 +348,7 @@ def main(argv=None):
     rn.add_argument("--speed-frames", type=int, default=1024)
     rn.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
     rn.add_argument("--registration-frames", type=int, default=20)
+    rn.add_argument("--translation", default="bundled", help="the registration section's model: bundled or a folder")
     rn.add_argument("--profile-frames", type=int, default=5)
     rn.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                     help="cpu: a dry run of this script (small sizes) where there is no GPU")

@@ -41,16 +41,22 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--translation", default="bundled",
                     help="translation model: bundled, or a model folder from 'fluoro2drr train'")
+    ap.add_argument("--seed", type=int, default=21, help="the simulated sequence (bench_registration.py's --seed)")
+    ap.add_argument("--effects-per", choices=["frame", "sequence"], default="frame",
+                    help="fluoroscopy effects drawn per frame, or once per sequence (one scene, fresh noise)")
+    ap.add_argument("--inputs", default=",".join(str(i) for i in range(len(INPUTS))),
+                    help="which rows, by number: " + ", ".join(f"{i} {n}" for i, n in enumerate(INPUTS)))
     ap.add_argument("--out", default=str(ROOT / "bench_out" / "optimum_bias"))
     args = ap.parse_args()
+    inputs = [INPUTS[int(i)] for i in args.inputs.split(",")]
     torch.set_num_threads(args.threads)
     from Fluoro2DRRLib import pose_io
     from Fluoro2DRRLib.bones import bone_from_mesh_file
     from Fluoro2DRRLib.calibration_io import load_calibration
     from Fluoro2DRRLib.evaluate import pose_errors
     from Fluoro2DRRLib.frames_io import load_frames
-    from Fluoro2DRRLib.registration import (Registrar, RegistrationSettings, polish_on_raw_frame, prepare_frame,
-                                            prepare_translated_frame)
+    from Fluoro2DRRLib.registration import (Registrar, RegistrationSettings, polish_dissimilarity_ratios,
+                                            prepare_frame, prepare_translated_frame)
     from Fluoro2DRRLib.simulate import simulate_sequence
     from Fluoro2DRRLib.translation.inference import Translator
 
@@ -61,8 +67,8 @@ def main():
     for realism in ("none", "fluoro"):
         sims[realism] = out / f"sim_{realism}"
         if not (sims[realism] / "simulation.json").exists():
-            simulate_sequence(sims[realism], n_frames=args.frames, seed=21, realism=realism, image_size=256,
-                              overwrite=True, progress=False, **subject)
+            simulate_sequence(sims[realism], n_frames=args.frames, seed=args.seed, realism=realism, image_size=256,
+                              overwrite=True, progress=False, fluoro_effects_per=args.effects_per, **subject)
     sim = sims["fluoro"]
     geometry = load_calibration(sim / "calibration.json")
     bones = {n: bone_from_mesh_file(sim / "models" / f"{n}.stl", n) for n in ("femur", "tibia")}
@@ -71,19 +77,31 @@ def main():
     translated = Translator.for_option(args.translation, "cpu").translate(frames["fluoro"])
     registrars = {space: Registrar(geometry, bones, RegistrationSettings(translated_space=space))
                   for space in ("log", "target")}
-    errors = {name: {"in_plane_mm": [], "out_of_plane_signed_mm": [], "rotation_deg": []} for name in INPUTS}
-    beats_truth = {name: [] for name in INPUTS}
+    errors = {name: {"in_plane_mm": [], "out_of_plane_signed_mm": [], "rotation_deg": []} for name in inputs}
+    beats_truth = {name: [] for name in inputs}
+    polish_detail = []  # per frame: each bone's error on the translated frame and after the polish, and the ratios
     for k in range(len(truth["femur"])):
         start = {n: truth[n][k] for n in truth}
         raw = prepare_frame(frames["fluoro"][k])
         trans = prepare_translated_frame(frames["fluoro"][k], translated[k], fov=raw[1])
-        for name in INPUTS:
+        for name in inputs:
             reg = registrars["log" if "log" in name else "target"]  # the polish row: the product's default
             image, fov, info = prepare_frame(frames["none"][k]) if name == "clean DRR" else \
                 raw if name == "raw fluoroscopy" else trans
             found, *_ = reg.register_frame(image, fov, start, False, True, info["polarity"])
-            if name == "translated + raw polish":
-                found = polish_on_raw_frame(reg, raw, found, trans)
+            if name == "translated + raw polish":  # registration.polish_on_raw_frame, step by step
+                polished, *_ = reg.register_frame(raw[0], raw[1], found, False, True, raw[2]["polarity"])
+                ratios = polish_dissimilarity_ratios(reg, trans, found, polished)
+                rot = {}
+                for n in truth:
+                    for label, pose in (("translated", found), ("polished", polished)):
+                        e = pose_errors(pose[n][None], truth[n][k:k + 1], bones[n].centroid_mm, geometry)
+                        rot[f"{n}_{label}"] = {key: float(e[key][0]) for key in ("in_plane_mm", "rotation_deg")}
+                polish_detail.append({"frame": k, "ratios": ratios, "errors": rot})
+                print(f"  polish frame {k}: ratios " + ", ".join(f"{n} {v:.2f}" for n, v in ratios.items()) + "; " +
+                      ", ".join(f"{n} {v['rotation_deg']:.2f} deg" for n, v in rot.items()), flush=True)
+                if ratios["all"] <= reg.settings.polish_max_dissimilarity_ratio:
+                    found = polished
                 image, fov, info = raw
             beats_truth[name].append(reg.similarity_at(image, fov, found, info["polarity"]) >
                                      reg.similarity_at(image, fov, start, info["polarity"]))
@@ -91,14 +109,14 @@ def main():
                 e = pose_errors(found[n][None], truth[n][k:k + 1], bones[n].centroid_mm, geometry)
                 for key in errors[name]:
                     errors[name][key].append(float(e[key][0]))
-        print(f"frame {k}: " + "; ".join(f"{name} rot {errors[name]['rotation_deg'][-1]:.2f}" for name in INPUTS),
+        print(f"frame {k}: " + "; ".join(f"{name} rot {errors[name]['rotation_deg'][-1]:.2f}" for name in inputs),
               flush=True)
     lines = [f"Registration started from the true poses, {args.frames} frames x 2 bones, "
-             f"{'knee MRI label map' if subject else 'procedural phantom'}, 256 px, tracking settings; "
-             f"translation model {args.translation}.", "",
+             f"{'knee MRI label map' if subject else 'procedural phantom'}, 256 px, tracking settings; seed {args.seed}, "
+             f"effects per {args.effects_per}; translation model {args.translation}.", "",
              "| input | in-plane mm med / p95 | out-of-plane mm (signed) median, |median| | rotation deg med / p95 "
              "| found pose scores above the truth |", "|---|---|---|---|---|"]
-    for name in INPUTS:
+    for name in inputs:
         e = {k: np.asarray(v) for k, v in errors[name].items()}
         lines.append(f"| {name} | {np.median(e['in_plane_mm']):.2f} / {np.percentile(e['in_plane_mm'], 95):.2f} | "
                      f"{np.median(e['out_of_plane_signed_mm']):+.1f}, {np.median(np.abs(e['out_of_plane_signed_mm'])):.1f} | "
@@ -107,7 +125,8 @@ def main():
     table = "\n".join(lines)
     print("\n" + table)
     (out / "optimum_bias.md").write_text(table + "\n")
-    (out / "optimum_bias.json").write_text(json.dumps({"errors": errors, "beats_truth": beats_truth}, indent=2))
+    (out / "optimum_bias.json").write_text(json.dumps({"errors": errors, "beats_truth": beats_truth,
+                                                                     "polish_detail": polish_detail}, indent=2))
 
 
 if __name__ == "__main__":

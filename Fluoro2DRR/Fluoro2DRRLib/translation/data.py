@@ -116,12 +116,14 @@ class DRRSource:
     the simulator's own motion model), at a random knee depth so the magnification varies.
 
     Phantom seeds start at ``first_phantom_seed`` (1000 by default) so that the demo and test phantoms
-    (seeds 0-99) stay unseen. Raises ImportError if the renderer / phantom modules are not available.
+    (seeds 0-99) stay unseen. ``shape_variety`` > 0 moves and resizes every part of every phantom at random
+    (``phantom.make_knee_phantom``; config ``data.drr.shape_variety``). Raises ImportError if the renderer / phantom modules are not available.
     About 0.3-1 s per 256 x 256 sample on a 2-core CPU (the procedural 2D source is ~100x faster).
     """
 
     def __init__(self, n_phantoms: int = 3, image_size: int = 256, max_flexion_deg: float = 110.0,
-                 first_phantom_seed: int = 1000, knee_depth_fraction=(0.72, 0.92)):
+                 first_phantom_seed: int = 1000, knee_depth_fraction=(0.72, 0.92), device: str = "cpu",
+                 shape_variety: float = 0.0):
         from .. import phantom, render  # noqa: F401  (ImportError when absent)
         from ..geometry import knee_default_geometry
 
@@ -130,15 +132,36 @@ class DRRSource:
         self.phantom_seeds = [first_phantom_seed + k for k in range(n_phantoms)]
         self.max_flexion_deg = max_flexion_deg
         self.knee_depth_fraction = knee_depth_fraction
+        self.shape_variety = float(shape_variety)  # phantom.make_knee_phantom's; 0: the template's shapes
+        # "auto": render on CUDA when there is one (a GPU renders a batch of pairs in milliseconds, the
+        # 2-core CPU takes 0.3-3 s per pair); the line integrals agree to float32 rounding
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                                   else ("cpu" if device == "auto" else device))
         self._cache = {}
+
+    def prepare(self, workers: int = 0) -> None:
+        """Build every phantom now, ``workers`` processes at a time (each takes seconds of one core)."""
+        todo = [k for k in range(len(self.phantom_seeds)) if k not in self._cache]
+        if workers > 1 and len(todo) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+            from multiprocessing import get_context
+
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn")) as pool:
+                built = list(pool.map(_phantom_bones, [self.phantom_seeds[k] for k in todo],
+                                      [self.shape_variety] * len(todo)))
+            for k, bones in zip(todo, built):
+                self._cache[k] = self._render.TwoBoneRenderer(self.geometry, list(bones), device=self.device)
+        for k in todo:
+            self._renderer(k)
 
     def _renderer(self, k):
         if k not in self._cache:
-            ph = self._phantom.make_knee_phantom(self.phantom_seeds[k], mesh=False)
-            self._cache[k] = self._render.TwoBoneRenderer(self.geometry, [ph["femur"], ph["tibia"]])
+            bones = _phantom_bones(self.phantom_seeds[k], self.shape_variety)
+            self._cache[k] = self._render.TwoBoneRenderer(self.geometry, list(bones), device=self.device)
         return self._cache[k]
 
-    def sample(self, rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    def draw(self, rng: np.random.Generator) -> tuple[int, np.ndarray]:
+        """The random part of :meth:`sample`: which phantom, and its (1, 2, 4, 4) femur / tibia poses."""
         k = int(rng.integers(len(self.phantom_seeds)))
         g = self.geometry
         depth = float(rng.uniform(*self.knee_depth_fraction)) * g.source_to_detector_mm
@@ -146,13 +169,27 @@ class DRRSource:
         poses = self._phantom.knee_flexion_sequence(n, g.world_from_source, depth, seed=int(rng.integers(1 << 30)),
                                                     max_flexion_deg=float(rng.uniform(20, self.max_flexion_deg)))
         j = int(rng.integers(n))
-        stacked = np.stack([poses["femur"][j], poses["tibia"][j]])[None]
+        return k, np.stack([poses["femur"][j], poses["tibia"][j]])[None]
+
+    def render(self, k: int, stacked_poses: np.ndarray, size: int = 256) -> np.ndarray:
+        """Line integrals ``(B, 2, size, size)`` float32 of phantom ``k`` at poses ``(B, 2, 4, 4)``."""
         with torch.inference_mode():
-            li = self._renderer(k)(torch.as_tensor(stacked, dtype=torch.float32))[0]
+            li = self._renderer(k)(torch.as_tensor(stacked_poses, dtype=torch.float32, device=self.device))
             if li.shape[-1] != size or li.shape[-2] != size:
-                li = torch.nn.functional.interpolate(li[None], size=(size, size), mode="bilinear",
-                                                     antialias=True)[0]
-        return li.numpy().astype(np.float32)
+                li = torch.nn.functional.interpolate(li, size=(size, size), mode="bilinear", antialias=True)
+        return li.float().cpu().numpy()
+
+    def sample(self, rng: np.random.Generator, size: int = 256) -> np.ndarray:
+        k, stacked = self.draw(rng)
+        return self.render(k, stacked, size)[0]
+
+
+def _phantom_bones(seed: int, shape_variety: float = 0.0):
+    """(femur, tibia) BoneModels of phantom ``seed``, volumes only (a process pool's job)."""
+    from .. import phantom
+
+    ph = phantom.make_knee_phantom(seed, mesh=False, shape_variety=shape_variety)
+    return ph["femur"], ph["tibia"]
 
 
 def default_source(kind: str = "auto", **drr_kwargs):
@@ -170,32 +207,98 @@ def default_source(kind: str = "auto", **drr_kwargs):
 def make_pair(source: LineIntegralSource, rng: np.random.Generator, size: int = 256,
               effects: FluoroEffects | None = None, strength=(0.6, 1.2), mask_threshold: float = 2.0):
     li = source.sample(rng, size)
+    return pair_from_line_integrals(li, rng, effects, strength, mask_threshold)
+
+
+def pair_from_line_integrals(li: np.ndarray, rng: np.random.Generator, effects: FluoroEffects | None = None,
+                             strength=(0.6, 1.2), mask_threshold: float = 2.0):
+    """(simulated frame, clean target, bone mask) of line integrals ``(2, H, W)``; ``rng`` draws the frame."""
     frame = simulate_fluoroscopy(li, rng, effects, float(rng.uniform(*strength)))
     return frame, clean_drr_target(li), bone_mask_from_line_integrals(li, mask_threshold)
 
 
+def _quantized_pairs(job):
+    """Pool job: [(i, line integrals, rng)] -> [(i, uint8 frame, uint16 target, uint8 mask)]."""
+    items, effects = job
+    out = []
+    for i, li, rng in items:
+        f, t, m = pair_from_line_integrals(li, rng, effects)
+        out.append((i, np.round(f * 255).astype(np.uint8), np.round(t * 65535).astype(np.uint16),
+                    m.astype(np.uint8)))
+    return out
+
+
+def default_workers() -> int:
+    """Processes for building training data: all cores but one (at least 1)."""
+    import os
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n - 1)
+
+
 def build_cache(path, n: int, size: int = 256, seed: int = 0, source: LineIntegralSource | None = None,
-                effects: FluoroEffects | None = None, progress: bool = True) -> Path:
-    """Pre-generate ``n`` pairs into ``path`` (.npz). Each pair i uses seed ``(seed, i)``."""
+                effects: FluoroEffects | None = None, progress: bool = True, workers: int = 0,
+                compress: bool = True) -> Path:
+    """Pre-generate ``n`` pairs into ``path`` (.npz). Each pair i uses seed ``(seed, i)``.
+
+    ``workers`` > 1 (a :class:`DRRSource`): the phantoms are built and the frames simulated in that many
+    processes while this one renders the line integrals in batches (on the source's device): the same
+    random draws per pair as the serial loop. ``compress=False`` writes a plain .npz (thousands of pairs
+    compress for minutes)."""
     source = source or Procedural2DKneeSource()
     frames = np.zeros((n, size, size), np.uint8)
     targets = np.zeros((n, size, size), np.uint16)
     masks = np.zeros((n, size, size), np.uint8)
-    it = range(n)
+    bar = None
     if progress:
         from tqdm import tqdm
-        it = tqdm(it, desc=f"simulating {n} pairs", leave=False)
-    for i in it:
-        rng = np.random.default_rng([seed, i])
-        f, t, m = make_pair(source, rng, size, effects)
-        frames[i] = np.round(f * 255)
-        targets[i] = np.round(t * 65535)
-        masks[i] = m
+        bar = tqdm(total=n, desc=f"simulating {n} pairs", leave=False)
+    if workers > 1 and isinstance(source, DRRSource):
+        _build_pairs_in_parallel(source, n, size, seed, effects, workers, frames, targets, masks, bar)
+    else:
+        for i in range(n):
+            rng = np.random.default_rng([seed, i])
+            f, t, m = make_pair(source, rng, size, effects)
+            frames[i] = np.round(f * 255)
+            targets[i] = np.round(t * 65535)
+            masks[i] = m
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, frames=frames, targets=targets, masks=masks,
-                        source=type(source).__name__, seed=seed)
+    save = np.savez_compressed if compress else np.savez
+    save(path, frames=frames, targets=targets, masks=masks, source=type(source).__name__, seed=seed)
     return path
+
+
+def _build_pairs_in_parallel(source: DRRSource, n, size, seed, effects, workers, frames, targets, masks, bar,
+                             render_batch: int = 32, job_size: int = 16):
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    source.prepare(workers)
+    rngs, draws = [], {}
+    for i in range(n):  # the poses first (cheap), so each phantom's pairs render together
+        rng = np.random.default_rng([seed, i])
+        k, stacked = source.draw(rng)
+        rngs.append(rng)
+        draws.setdefault(k, []).append((i, stacked))
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = []
+        for k, items in sorted(draws.items()):
+            for b in range(0, len(items), render_batch):
+                chunk = items[b:b + render_batch]
+                li = source.render(k, np.concatenate([st for _, st in chunk]), size)
+                for j in range(0, len(chunk), job_size):
+                    job = [(i, li[j + q], rngs[i]) for q, (i, _) in enumerate(chunk[j:j + job_size])]
+                    futures.append(pool.submit(_quantized_pairs, (job, effects)))
+        for fut in futures:
+            for i, f, t, m in fut.result():
+                frames[i], targets[i], masks[i] = f, t, m
+                if bar is not None:
+                    bar.update()
 
 
 def robust_normalize(frame: np.ndarray, percentiles=(0.5, 99.5)) -> np.ndarray:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import InputError, read_json_object
-from .data import SimulatedPairDataset, build_cache, default_source
+from .data import SimulatedPairDataset, build_cache, default_source, default_workers
 from .losses import GeneratorLoss, adversarial_loss
 from .networks import PatchDiscriminator, UNetGenerator, build_stage2, count_parameters
 
@@ -139,11 +139,20 @@ def robust_normalize_t(x: torch.Tensor, p=(0.5, 99.5)) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------ models
-def scheduled_lr(stage_cfg: dict, epoch: int) -> float:
-    """``lr_schedule``: ``[[from_epoch, lr], ...]`` (the last entry at or before ``epoch``); else ``lr``."""
+def scheduled_lr(stage_cfg: dict, epoch: int, budget_min: float | None = None,
+                 spent_min: float = 0.0) -> float:
+    """``lr_schedule``: ``[[from_epoch, lr], ...]`` (the last entry at or before ``epoch``); else ``lr``.
+
+    With a time budget, ``lr_schedule_budget_fraction`` ``[[fraction, lr], ...]`` goes by the fraction of the
+    budget spent instead (a run stopped by its budget does not know its epoch count in advance)."""
+    by_budget = stage_cfg.get("lr_schedule_budget_fraction")
+    if by_budget and budget_min:
+        schedule, now = by_budget, spent_min / budget_min
+    else:
+        schedule, now = stage_cfg.get("lr_schedule") or [], epoch
     lr = stage_cfg["lr"]
-    for from_epoch, value in sorted(stage_cfg.get("lr_schedule") or []):
-        if epoch >= from_epoch:
+    for start, value in sorted(schedule):
+        if now >= start:
             lr = value
     return float(lr)
 
@@ -217,6 +226,14 @@ class _PairedWrapper(Dataset):
         return f, t, m
 
 
+def _seed_loader_worker(worker_id: int) -> None:
+    """Each loader process its own augmentation stream (a copied generator would repeat the same crops)."""
+    info = torch.utils.data.get_worker_info()
+    ds = info.dataset
+    if hasattr(ds, "_rng"):
+        ds._rng = np.random.default_rng([int(info.seed % (1 << 31)), worker_id])
+
+
 def _loop(loader):
     while True:
         for batch in loader:
@@ -270,10 +287,19 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
         source = default_source(dcfg["source"], **dcfg.get("drr", {}))
     tr_cache, va_cache = out / "cache" / "train.npz", out / "cache" / "val.npz"
     simulated_epochs = cfg["stage1"]["epochs"] > 0 or cfg["stage2"]["epochs"] > 0
+    # "workers": processes that build phantoms and simulate frames ("auto": all cores but one; 0: serial)
+    workers = dcfg.get("workers", 0)
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise InputError("training config", f'data.workers must be "auto" or a count >= 0, not {workers!r}')
+    workers = default_workers() if workers == "auto" else workers
+    compress = bool(dcfg.get("compress_cache", True))
     if simulated_epochs and not tr_cache.exists():
-        build_cache(tr_cache, dcfg["n_train"], size, dcfg["seed"], source, progress=progress)
+        build_cache(tr_cache, dcfg["n_train"], size, dcfg["seed"], source, progress=progress, workers=workers,
+                    compress=compress)
     if not va_cache.exists():
-        build_cache(va_cache, dcfg["n_val"], size, dcfg["val_seed"], source, progress=progress)
+        build_cache(va_cache, dcfg["n_val"], size, dcfg["val_seed"], source, progress=progress, workers=workers,
+                    compress=compress)
+    metrics_data_minutes = (time.time() - t_start) / 60
     val = SimulatedPairDataset(va_cache, normalize=tuple(pct))
     vf = torch.stack([val[i][0] for i in range(len(val))]).to(dev)
     vt = torch.stack([val[i][1] for i in range(len(val))]).to(dev)
@@ -289,6 +315,9 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
         {"history": [], "params": {"stage1": count_parameters(g), "stage2": count_parameters(s2),
                                    "discriminator": count_parameters(d)}}
     metrics["raw_val"] = image_metrics(vf, vt)
+    metrics["minutes_data"] = metrics_data_minutes
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop and batch sizes: pick the fastest kernels once
 
     def run_stage1(x):
         g.eval()
@@ -340,12 +369,22 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
     if paired_eval is not None and "paired_start" not in metrics:  # the starting model on the real frames
         metrics["paired_start"] = image_metrics(run_stage1(paired_eval[0]), paired_eval[1])
 
-    def make_loader(ds, batch):  # fewer frames than a batch (a short paired set): one smaller batch
-        return DataLoader(ds, batch_size=max(1, min(batch, len(ds))), shuffle=True, drop_last=True, num_workers=0)
+    def make_loader(ds, batch, workers=0):  # fewer frames than a batch (a short paired set): one smaller batch
+        # "loader_workers" > 0 (a GPU steps faster than one process crops and normalises): persistent worker
+        # processes, each with its own augmentation stream
+        workers = int(workers or 0) if isinstance(ds, SimulatedPairDataset) else 0
+        return DataLoader(ds, batch_size=max(1, min(batch, len(ds))), shuffle=True, drop_last=True,
+                          num_workers=workers, persistent_workers=workers > 0,
+                          worker_init_fn=_seed_loader_worker if workers > 0 else None,
+                          pin_memory=workers > 0 and dev.type == "cuda")
 
     def budget_over(stage, t0):
         b = (cfg.get("time_budget_min") or {}).get(stage)
         return b is not None and (time.time() - t0) / 60 > b
+
+    def budget_lr(stage_cfg, stage, t0, epoch):
+        return scheduled_lr(stage_cfg, epoch, (cfg.get("time_budget_min") or {}).get(stage),
+                            (time.time() - t0) / 60)
 
     # ---------------- stage 1
     s1 = cfg["stage1"]
@@ -373,7 +412,7 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
     for phase, ds, n_ep, lr in phases:
         for pg in opt_g.param_groups:
             pg["lr"] = lr
-        it = _loop(make_loader(ds, s1["batch"]))
+        it = _loop(make_loader(ds, s1["batch"], s1.get("loader_workers")))
         for _ in range(n_ep):
             if epoch < start:
                 epoch += 1
@@ -381,7 +420,7 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
             if budget_over("stage1", t0):
                 break
             if phase == "sim":
-                lr_now = scheduled_lr(s1, epoch)
+                lr_now = budget_lr(s1, "stage1", t0, epoch)
                 for opt, base in ((opt_g, s1["lr"]), (opt_d, s1["d_lr"])):
                     for pg in opt.param_groups:
                         pg["lr"] = base * lr_now / s1["lr"]
@@ -469,13 +508,16 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
         for phase, ds, n_ep, lr in phases:
             for pg in opt2.param_groups:
                 pg["lr"] = lr
-            it = _loop(make_loader(ds, s2c["batch"]))
+            it = _loop(make_loader(ds, s2c["batch"], s2c.get("loader_workers")))
             for _ in range(n_ep):
                 if epoch < start:
                     epoch += 1
                     continue
                 if budget_over("stage2", t0):
                     break
+                if phase == "sim" and s2c.get("lr_schedule_budget_fraction"):
+                    for pg in opt2.param_groups:
+                        pg["lr"] = budget_lr(s2c, "stage2", t0, epoch)
                 s2.train()
                 bar = tqdm(range(s2c["steps_per_epoch"]), desc=f"stage2 {phase} epoch {epoch}",
                            disable=not progress, mininterval=5)
@@ -511,6 +553,9 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
     metrics["minutes_total"] = (time.time() - t_start) / 60
     compute = {"device": str(dev), "torch_threads": torch.get_num_threads(),
                "minutes_total": round(metrics["minutes_total"], 1)}
+    if dev.type == "cuda":
+        compute["gpu"] = torch.cuda.get_device_name(dev)
+        compute["torch"] = torch.__version__
     export_models(out, g, s2, cfg, metrics["final_val"], stage2_trained, compute)
     metrics_path.write_text(json.dumps(metrics, indent=2))
     return metrics
