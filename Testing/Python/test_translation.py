@@ -215,13 +215,14 @@ def test_bundled_weights_load_and_are_deterministic():
 def test_bundled_weights_come_from_the_committed_recipe():
     """models.json's config hash is the hash of Resources/Models/translation_config.json as training merges it:
     the bundled weights are what `fluoro2drr train --config` of that file makes (a config edited without
-    retraining, or weights swapped without their config, fails here). The GPU recipe beside it trained other
-    weights (not bundled: results/translation_gpu_training_2026-12-04.md)."""
+    retraining, or weights swapped without their config, fails here). The recipes beside it trained other
+    weights (not bundled: results/translation_gpu_training_2026-12-04.md, translation_shape_variety_2026-12-06.md)."""
     from Fluoro2DRRLib.translation.train import config_hash, merge_config
 
     info = json.loads((MODEL_DIR / "models.json").read_text())
     assert info["config_hash"] == config_hash(merge_config(MODEL_DIR / "translation_config.json"))
-    assert info["config_hash"] != config_hash(merge_config(MODEL_DIR / "translation_config_gpu.json"))
+    for other in ("translation_config_gpu.json", "translation_config_continue_variety.json"):
+        assert info["config_hash"] != config_hash(merge_config(MODEL_DIR / other))
 
 
 @needs_weights
@@ -352,6 +353,45 @@ def test_tiny_training_run_exports_a_loadable_model(tmp_path):
     best = max(stage1, key=lambda h: h["val"]["stage1"]["ncc"])
     assert m["stage1_best"]["epoch"] == best["epoch"]
     assert m["final_val"]["stage1"]["ncc"] == pytest.approx(best["val"]["stage1"]["ncc"], abs=1e-5)
+
+
+@needs_weights
+def test_continuing_a_trained_model_on_simulated_pairs_never_keeps_a_worse_generator(tmp_path):
+    """``train --init-from bundled --continue-simulated``: the config's simulated epochs run from the model's
+    weights; the exported generator is the best on the validation pairs counting the starting one, and a
+    stage 2 given no epochs is the starting model's, unchanged."""
+    from Fluoro2DRRLib.translation.commands import add_train_parser
+    torch.set_num_threads(1)
+    # a learning rate far too high for a trained generator: its epochs get worse, the start must survive
+    more = {"data": {"source": "procedural", "n_train": 4, "n_val": 4},
+            "stage1": {"epochs": 2, "steps_per_epoch": 2, "batch": 2, "lr": 1.0, "lr_schedule": [[0, 1.0]]},
+            "stage2": {"epochs": 0}}
+    (tmp_path / "more.json").write_text(json.dumps(more))
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers())
+    args = parser.parse_args(["train", "--init-from", "bundled", "--continue-simulated",
+                              "--config", str(tmp_path / "more.json"), "--out", str(tmp_path / "more"),
+                              "--device", "cpu"])
+    assert args.func(args) == 0
+    m = json.loads((tmp_path / "more" / "metrics.json").read_text())
+    epochs = [h for h in m["history"] if h["stage"] == 1]
+    assert [h["phase"] for h in epochs] == ["sim", "sim"]
+    assert m["stage1_best"] == m["stage1_start"] and m["stage1_best"]["epoch"] == -1  # the ruined epochs: not kept
+    start_ncc = m["stage1_best"]["val"]["ncc"]
+    assert start_ncc > 0.6 and max(h["val"]["stage1"]["ncc"] for h in epochs) < start_ncc - 0.1
+    assert m["final_val"]["stage1"]["ncc"] == pytest.approx(start_ncc, abs=1e-5)
+    bundled = inference.Translator.for_option("bundled", "cpu")
+    mine = inference.Translator.load(tmp_path / "more", device="cpu")
+    frame = torch.from_numpy(np.random.default_rng(3).random((1, 1, 64, 64))).float()
+    with torch.no_grad():
+        for stage in ("stage1", "stage2"):  # both the starting model's: stage 1 kept, stage 2 given no epochs
+            a, b = getattr(bundled, stage)(frame), getattr(mine, stage)(frame)
+            np.testing.assert_array_equal(np.asarray(a[0] if stage == "stage1" else a),
+                                          np.asarray(b[0] if stage == "stage1" else b))
+    # --continue-simulated without a model to continue from is refused
+    args = parser.parse_args(["train", "--continue-simulated", "--out", str(tmp_path / "x")])
+    with pytest.raises(InputError, match="--continue-simulated.*--init-from"):
+        args.func(args)
 
 
 @needs_weights

@@ -35,6 +35,9 @@ def add_train_parser(subparsers):
     p.add_argument("--init-from", default=None, metavar="bundled|MODEL_DIR",
                    help="fine-tune this trained model on the paired frames (only the fine-tuning epochs: "
                         "minutes) instead of training from scratch on simulated pairs first")
+    p.add_argument("--continue-simulated", action="store_true",
+                   help="with --init-from: run the config's simulated epochs from that model's weights (more "
+                        "training, or a new data recipe such as data.drr.shape_variety, without starting over)")
     p.set_defaults(func=run_train)
     return p
 
@@ -73,7 +76,8 @@ def run_train(args) -> int:
 
     cfg = merge_config(args.config or _default_config())
     paired = _paired_dataset(args, cfg["image_size"]) if args.paired_frames else None
-    metrics = train(cfg, args.out, device=args.device, resume=args.resume, paired=paired, init_from=args.init_from)
+    metrics = train(cfg, args.out, device=args.device, resume=args.resume, paired=paired, init_from=args.init_from,
+                    continue_simulated=args.continue_simulated)
     print(json.dumps(metrics.get("final_val", {}), indent=2))
     print(f"model written to {Path(args.out).resolve()} (stage1.pt, stage2.pt, models.json)")
     return 0

@@ -69,10 +69,12 @@ def merge_config(config) -> dict:
     return merged
 
 
-def adopt_trained_model(cfg: dict, model_dir: Path, info: dict) -> dict:
-    """The config of a fine-tuning run that starts from a trained model (``models.json`` ``info`` of
-    ``model_dir``): that model's architectures, image size and normalisation; no simulated epochs (the
-    model had them), only the ``finetune`` phase on the paired frames."""
+def adopt_trained_model(cfg: dict, model_dir: Path, info: dict, keep_simulated_epochs: bool = False) -> dict:
+    """The config of a run that starts from a trained model (``models.json`` ``info`` of ``model_dir``): that
+    model's architectures, image size and normalisation. Fine-tuning (the default): no simulated epochs (the
+    model had them), only the ``finetune`` phase on the paired frames. ``keep_simulated_epochs``: the config's
+    simulated epochs run on, from the model's weights (more training, or a new data recipe, without starting
+    over)."""
     out = copy.deepcopy(cfg)
     models = info.get("models") or {}
     if "stage1" not in models:
@@ -81,11 +83,13 @@ def adopt_trained_model(cfg: dict, model_dir: Path, info: dict) -> dict:
     out["normalize_percentiles"] = list(info.get("normalize_percentiles", out["normalize_percentiles"]))
     out["stage1"].update({k: v for k, v in models["stage1"]["arch"]["kwargs"].items()
                           if k in ("base", "depth", "max_ch")})
-    out["stage1"]["epochs"] = 0
+    if not keep_simulated_epochs:
+        out["stage1"]["epochs"] = 0
     if "stage2" in models:
         out["stage2"]["name"] = models["stage2"]["arch"]["class"]
         out["stage2"]["kwargs"] = dict(models["stage2"]["arch"]["kwargs"])
-    out["stage2"]["epochs"] = 0
+    if not keep_simulated_epochs:
+        out["stage2"]["epochs"] = 0
     out["init_from"] = {"model_dir": str(model_dir), "config_hash": info.get("config_hash"),
                         "stage2": "stage2" in models}
     return out
@@ -248,12 +252,15 @@ def _save_grid(path, rows):
 
 
 # ------------------------------------------------------------------------------------ train
-def train(config, out_dir, device="auto", resume=False, paired=None, progress=True, init_from=None) -> dict:
+def train(config, out_dir, device="auto", resume=False, paired=None, progress=True, init_from=None,
+          continue_simulated=False) -> dict:
     """Train stage 1 (GAN) then stage 2 (on stage-1 outputs); export the model into ``out_dir``.
 
     ``paired``: optional torch Dataset of real (frame, target[, mask]) pairs for fine-tuning.
     ``init_from``: "bundled" or a model folder: start from that trained model and run only the fine-tuning
-    phase on ``paired`` (minutes instead of the simulated training's hours).
+    phase on ``paired`` (minutes instead of the simulated training's hours); with ``continue_simulated``
+    the config's simulated epochs run first, from that model's weights, and the stage-1 generator is kept
+    only where it beats the starting model on the validation pairs.
     Returns the metrics dict (also in ``out_dir/metrics.json``).
     """
     from tqdm import tqdm
@@ -264,11 +271,14 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
     start_model = translation_model_dir(init_from) if init_from is not None else None
     start_info = None
     if start_model is not None:
-        if paired is None:
+        if paired is None and not continue_simulated:
             raise InputError("--init-from", "starting from a trained model is for fine-tuning: it needs real "
-                                            "paired frames (--paired-frames, --calibration, --femur, --tibia, --poses)")
+                                            "paired frames (--paired-frames, --calibration, --femur, --tibia, "
+                                            "--poses), or --continue-simulated to train on simulated pairs")
         start_info = read_json_object(start_model / "models.json", missing="models.json is missing")
-        cfg = adopt_trained_model(cfg, start_model, start_info)
+        cfg = adopt_trained_model(cfg, start_model, start_info, keep_simulated_epochs=continue_simulated)
+    elif continue_simulated:
+        raise InputError("--continue-simulated", "needs --init-from: the trained model to continue from")
     out = Path(out_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     (out / "cache").mkdir(parents=True, exist_ok=True)
@@ -407,6 +417,11 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
     # (NCC to the clean target on the validation pairs, which training never sees)
     ck1_best = out / "checkpoints" / "stage1_best.pt"
     best = metrics.get("stage1_best") if resume and ck1_best.exists() else None
+    if best is None and start_model is not None and s1["epochs"] > 0:
+        # more simulated training from a trained model: it must beat that model, not just its own first epoch
+        best = {"epoch": -1, "phase": "start", "val": validate(1, -1, False)["stage1"]}
+        torch.save({"g": g.state_dict(), "epoch": -1}, ck1_best)
+        metrics["stage1_best"] = metrics["stage1_start"] = best
     t0 = time.time()
     epoch = 0
     for phase, ds, n_ep, lr in phases:
