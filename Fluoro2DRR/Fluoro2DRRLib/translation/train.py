@@ -84,12 +84,10 @@ def adopt_trained_model(cfg: dict, model_dir: Path, info: dict, keep_simulated_e
     out["stage1"].update({k: v for k, v in models["stage1"]["arch"]["kwargs"].items()
                           if k in ("base", "depth", "max_ch")})
     if not keep_simulated_epochs:
-        out["stage1"]["epochs"] = 0
+        out["stage1"]["epochs"] = out["stage2"]["epochs"] = 0
     if "stage2" in models:
         out["stage2"]["name"] = models["stage2"]["arch"]["class"]
         out["stage2"]["kwargs"] = dict(models["stage2"]["arch"]["kwargs"])
-    if not keep_simulated_epochs:
-        out["stage2"]["epochs"] = 0
     out["init_from"] = {"model_dir": str(model_dir), "config_hash": info.get("config_hash"),
                         "stage2": "stage2" in models}
     return out
