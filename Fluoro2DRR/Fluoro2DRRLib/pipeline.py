@@ -119,7 +119,8 @@ def _knee_joint_report(registrar, progress: bool) -> dict:
                 "centre_femur_mm": [round(float(v), 2) for v in joint.centre_femur_mm],
                 "centre_tibia_mm": [round(float(v), 2) for v in joint.centre_tibia_mm],
                 "flexion_axis_femur": [round(float(v), 4) for v in joint.flexion_axis_femur],
-                "max_off_axis_deg": registrar.settings.joint_max_off_axis_deg}
+                "max_off_axis_deg": registrar.settings.joint_max_off_axis_deg,
+                "mediolateral_tolerance_mm": registrar.settings.joint_mediolateral_tolerance_mm}
     if registrar.settings.joint_prior_weight <= 0 or len(registrar.names) < 2:
         return {"prior": "off"}
     reason = ("femur and tibia do not meet as loaded (segmented from different scans, or each centred on its own "

@@ -188,8 +188,9 @@ def test_the_knee_joint_keeps_a_tibia_the_image_puts_too_close_to_the_source_bes
     benchmark: a tibia put 27 mm too close to the source, then carried 20-50 mm off through the sequence).
     Here the frame itself is drawn with the tibia slid 25 mm towards the source along its own ray (the same
     outline, 13 % smaller). Alone, the image keeps it there, 25 mm beside the femur's joint surface along the
-    beam. The joint prior (the bones met as segmented) brings the two together within its tolerance; where
-    they meet is the image's say (both outlines stay in place). At the truth the prior costs nothing."""
+    beam. The joint prior (the bones met as segmented) brings the two together within its tolerance, its
+    medio-lateral term (along the femur's flexion axis, here nearly the beam) closer than its beam term alone;
+    where they meet is the image's say (both outlines stay in place). At the truth the prior costs nothing."""
     from Fluoro2DRRLib.render import render_numpy
     from Fluoro2DRRLib.simulate import CLEAN_DRR_COUNTS_PER_MM
 
@@ -201,18 +202,28 @@ def test_the_knee_joint_keeps_a_tibia_the_image_puts_too_close_to_the_source_bes
     with_prior = Registrar(geometry, bones, small_settings(detector_sizes=(32, 64, 128)))
     assert float(with_prior.joint_penalty(with_prior._stack({n: truth[n][0] for n in truth}))) == 0.0
     assert float(with_prior.joint_penalty(with_prior._stack(drawn))) > 0.1
-    excess_mm, tibia_depth_mm = {}, {}
-    for weight in (0.0, RegistrationSettings().joint_prior_weight):
+    ml_tolerance_mm = RegistrationSettings().joint_mediolateral_tolerance_mm
+    assert abs(float(with_prior.joint_mediolateral_mm(with_prior._stack(drawn))[0])) > 20.0  # lateral view
+    variants = {"no prior": {"joint_prior_weight": 0.0}, "along the beam only": {"joint_mediolateral_tolerance_mm": None},
+                "default": {}}
+    excess_mm, mediolateral_mm, tibia_depth_mm = {}, {}, {}
+    for name, changes in variants.items():
         # a 32 px first level and 128 px finest (the test's budget); the first frame's search regions (30 mm)
-        registrar = Registrar(geometry, bones, small_settings(detector_sizes=(32, 64, 128), joint_prior_weight=weight))
-        assert (registrar.joint is None) == (weight == 0.0)
+        registrar = Registrar(geometry, bones, small_settings(detector_sizes=(32, 64, 128), **changes))
+        assert (registrar.joint is None) == (name == "no prior")
         result, *_ = registrar.register_frame(image, fov, drawn, auto=False, tracking=False)
-        excess_mm[weight] = float(with_prior.joint_excess_mm(with_prior._stack(result))[0][0])
-        tibia_depth_mm[weight] = errors(result, truth, bones, geometry, 0)["tibia"]["out_of_plane_mm"]
+        excess_mm[name] = float(with_prior.joint_excess_mm(with_prior._stack(result))[0][0])
+        mediolateral_mm[name] = abs(float(with_prior.joint_mediolateral_mm(with_prior._stack(result))[0]))
+        tibia_depth_mm[name] = errors(result, truth, bones, geometry, 0)["tibia"]["out_of_plane_mm"]
         for n, e in errors(result, {n: p[None] for n, p in drawn.items()}, bones, geometry, 0).items():
-            assert e["in_plane_mm"] < 0.5, (weight, n, e)  # the outlines stay where the frame shows them
-    assert excess_mm[0.0] > 10.0 and excess_mm[RegistrationSettings().joint_prior_weight] < 3.0, excess_mm
-    assert tibia_depth_mm[RegistrationSettings().joint_prior_weight] < tibia_depth_mm[0.0] - 3.0, tibia_depth_mm
+            assert e["in_plane_mm"] < 0.5, (name, n, e)  # the outlines stay where the frame shows them
+    assert excess_mm["no prior"] > 10.0 and excess_mm["along the beam only"] < 3.0, excess_mm
+    assert tibia_depth_mm["along the beam only"] < tibia_depth_mm["no prior"] - 3.0, tibia_depth_mm
+    # the medio-lateral term holds the bones closer together than the beam's tolerance (5 mm and more) does
+    # (measured: 21.5 mm apart without a prior, 6.1 along the beam only, 3.1 with both); where they meet is
+    # still the image's say: here the femur's depth moved too
+    assert mediolateral_mm["default"] < ml_tolerance_mm + 1.0 < mediolateral_mm["along the beam only"] - 1.0, \
+        mediolateral_mm
 
 
 def _tibia_turned(truth_frame: dict, centre_femur_mm, axis_femur, angle_deg: float) -> np.ndarray:
@@ -1023,3 +1034,15 @@ def test_bad_inputs_are_clear(clean):
         register_sequence(bad, geometry, bones)
     with pytest.raises(InputError, match="rows"):
         register_sequence(frames, geometry, bones, init_poses={"femur": np.repeat(truth["femur"][:1], 2, 0)})
+
+
+def test_settings_overrides_parse_json_values_and_refuse_unknown_keys():
+    base = RegistrationSettings()
+    changed = base.with_overrides(["joint_mediolateral_tolerance_mm=null", "detector_sizes=[32, 64]",
+                                   "renderer=siddon", "polish_on_raw_frame=false", "outlier_scale=2.5"])
+    assert changed.joint_mediolateral_tolerance_mm is None and changed.detector_sizes == (32, 64)
+    assert changed.renderer == "siddon" and changed.polish_on_raw_frame is False and changed.outlier_scale == 2.5
+    assert base.joint_mediolateral_tolerance_mm == 3.0 and base.with_overrides([]) == base  # a copy; base untouched
+    for bad in ("no_such_setting=1", "outlier_scale"):
+        with pytest.raises(InputError, match="--setting"):
+            base.with_overrides([bad])

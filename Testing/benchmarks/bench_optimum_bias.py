@@ -46,6 +46,8 @@ def main():
                     help="fluoroscopy effects drawn per frame, or once per sequence (one scene, fresh noise)")
     ap.add_argument("--inputs", default=",".join(str(i) for i in range(len(INPUTS))),
                     help="which rows, by number: " + ", ".join(f"{i} {n}" for i, n in enumerate(INPUTS)))
+    ap.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+                    help="change one of the RegistrationSettings (VALUE as JSON); repeat for more")
     ap.add_argument("--out", default=str(ROOT / "bench_out" / "optimum_bias"))
     args = ap.parse_args()
     inputs = [INPUTS[int(i)] for i in args.inputs.split(",")]
@@ -75,7 +77,8 @@ def main():
     truth = pose_io.read_poses_csv(sim / "truth" / "poses.csv")
     frames = {r: load_frames(d / "frames").frames for r, d in sims.items()}
     translated = Translator.for_option(args.translation, "cpu").translate(frames["fluoro"])
-    registrars = {space: Registrar(geometry, bones, RegistrationSettings(translated_space=space))
+    registrars = {space: Registrar(geometry, bones,
+                                   RegistrationSettings(translated_space=space).with_overrides(args.setting))
                   for space in ("log", "target")}
     errors = {name: {"in_plane_mm": [], "out_of_plane_signed_mm": [], "rotation_deg": []} for name in inputs}
     beats_truth = {name: [] for name in inputs}
@@ -113,7 +116,8 @@ def main():
               flush=True)
     lines = [f"Registration started from the true poses, {args.frames} frames x 2 bones, "
              f"{'knee MRI label map' if subject else 'procedural phantom'}, 256 px, tracking settings; seed {args.seed}, "
-             f"effects per {args.effects_per}; translation model {args.translation}.", "",
+             f"effects per {args.effects_per}; translation model {args.translation}"
+             + "".join(f"; {item}" for item in args.setting) + ".", "",
              "| input | in-plane mm med / p95 | out-of-plane mm (signed) median, |median| | rotation deg med / p95 "
              "| found pose scores above the truth |", "|---|---|---|---|---|"]
     for name in inputs:

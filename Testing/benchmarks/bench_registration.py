@@ -139,7 +139,7 @@ def run_case(label, sim_dir, args, rows, details):
     t0 = time.time()
     translation = args.translation if label == "translated" else "none"
     settings = RegistrationSettings(outlier_rounds=args.outlier_rounds, outlier_scale=args.outlier_scale,
-                                    restart_rotation_deg=args.restart_deg)
+                                    restart_rotation_deg=args.restart_deg).with_overrides(args.setting)
     result = run_registration(frames, geometry, bones, out_dir, None, translation, progress=True,
                               default_poses=default, settings=settings)
     total = time.time() - t0
@@ -267,6 +267,9 @@ def main():
                     help="RegistrationSettings.restart_rotation_deg: out-of-plane restarts on fluoroscopy frames (0: off)")
     ap.add_argument("--outlier-scale", type=float, default=RegistrationSettings().outlier_scale,
                     help="RegistrationSettings.outlier_scale (residuals this many robust sigmas weigh 1/2)")
+    ap.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+                    help="change one of the engine's RegistrationSettings (VALUE as JSON, e.g. "
+                         "joint_mediolateral_tolerance_mm=null); repeat for more")
     ap.add_argument("--effects-per", choices=["frame", "sequence"], default="frame",
                     help="simulated fluoroscopy: effects drawn again per frame (default, the tables so far) or once "
                          "per sequence with fresh noise per frame (simulate --effects-per)")
@@ -315,7 +318,8 @@ def main():
     lines = [f"Subject: {subject_name}; 256 x 256 detector; {machine}; torch {torch.__version__}"
              + (f"; translation model {args.translation}" if "translated" in args.cases.split(",") else "")
              + f"; sequence seed {args.seed}, fluoroscopy effects drawn per {args.effects_per}; raw frames re-weighted {args.outlier_rounds} rounds"
-             f" (scale {args.outlier_scale:g}); out-of-plane restarts {args.restart_deg:g} deg.", "",
+             f" (scale {args.outlier_scale:g}); out-of-plane restarts {args.restart_deg:g} deg"
+             + "".join(f"; {item}" for item in args.setting) + ".", "",
              header]
     lines += [fmt_row(*r) for r in rows]
     lines.append("")
