@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -229,9 +230,6 @@ class RegistrationSettings:
     def with_overrides(self, pairs: list[str] | tuple[str, ...] = ()) -> "RegistrationSettings":
         """A copy with ``KEY=VALUE`` items applied (VALUE as JSON, else a string; lists become tuples): what the
         benchmarks' ``--setting`` passes. An unknown key or an unreadable item is an InputError."""
-        import json
-        from dataclasses import fields, replace
-
         known = {f.name for f in fields(self)}
         changes = {}
         for item in pairs:
