@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_registration import add_setting_option  # run as a script: this folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[2]
 LABELMAP = ROOT.parent / "shared" / "data" / "knee_mri_labels" / "SAG_3D_DESS_RIGHT_bones_cart_men_fib-label.nrrd"
 
@@ -65,13 +67,12 @@ def pool(run_dirs: list[str], out: Path) -> None:
         run = json.loads((Path(d) / "capture_range.json").read_text())
         scenes.setdefault(run.get("_scene", d), {}).update(run)
     runs = list(scenes.values())
-    keys = sorted({k for r in runs for k in r if not k.startswith("_")},
-                  key=lambda k: (float(k.split("_", 1)[0]), MODES.index(k.split("_", 1)[1])))
-    offsets = sorted({float(k.split("_", 1)[0]) for k in keys})
+    keys = {tuple(k.split("_", 1)) for r in runs for k in r if not k.startswith("_")}  # (offset, mode)
+    keys = sorted(((float(o), m) for o, m in keys), key=lambda om: (om[0], MODES.index(om[1])))
+    offsets = sorted({o for o, _ in keys})
     rows, per_start = {}, True
-    for k in keys:
-        offset, mode = float(k.split("_", 1)[0]), k.split("_", 1)[1]
-        have = [r[k] for r in runs if k in r]
+    for offset, mode in keys:
+        have = [r[f"{offset}_{mode}"] for r in runs if f"{offset}_{mode}" in r]
         n = sum(h["n"] for h in have)
         ok = sum(h["success_pct"] / 100.0 * h["n"] for h in have)
         if all("in_plane_mm" in h for h in have):
@@ -82,9 +83,8 @@ def pool(run_dirs: list[str], out: Path) -> None:
             ip = np.median([h["in_plane_mm_median"] for h in have])
             rot = np.median([h["rotation_deg_median"] for h in have])
         rows[(offset, mode)] = {"success_pct": 100.0 * ok / n, "in_plane_mm_median": float(ip),
-                                "rotation_deg_median": float(rot), "n": n, "runs": len(have)}
-    scenes = "; ".join(scenes)
-    lines = [f"Pooled over {len(runs)} scenes ({scenes}; runs {', '.join(run_dirs)}); success over all their starts (n per offset: "
+                                "rotation_deg_median": float(rot), "n": n}
+    lines = [f"Pooled over {len(runs)} scenes ({'; '.join(scenes)}; runs {', '.join(run_dirs)}); success over all their starts (n per offset: "
              + ", ".join(f"{o:g} mm {rows[(o, MODES[0])]['n']}" for o in offsets) + "); medians "
              + ("over every start's bones." if per_start else "of the runs' medians (not every run stored its starts)."),
              ""] + table(rows, offsets)
@@ -107,13 +107,15 @@ def main():
     ap.add_argument("--translation", default="bundled",
                     help="translation model: bundled, or a model folder from 'fluoro2drr train'")
     ap.add_argument("--modes", default=",".join(MODES), help="which of: " + ", ".join(MODES))
-    ap.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
-                    help="change one of the RegistrationSettings (VALUE as JSON); repeat for more")
+    add_setting_option(ap)
     ap.add_argument("--pool", nargs="+", metavar="RUN_DIR", help="pool earlier runs' results instead of running")
     ap.add_argument("--out", default=str(ROOT / "bench_out" / "capture_range"))
     args = ap.parse_args()
     if args.pool:
         return pool(args.pool, Path(args.out))
+    modes = [m.strip() for m in args.modes.split(",")]
+    if not set(modes) <= set(MODES):
+        raise SystemExit(f"--modes: each of {', '.join(MODES)}")
     torch.set_num_threads(args.threads)
     from Fluoro2DRRLib import pose_io
     from Fluoro2DRRLib.bones import bone_from_mesh_file
@@ -144,9 +146,6 @@ def main():
                 "translated": [prepare_translated_frame(f, t, fov=r[1]) for f, t, r in zip(frames, translated, raw)]}
     registrar = Registrar(geometry, bones, RegistrationSettings().with_overrides(args.setting))
     offsets = [float(o) for o in args.offsets.split(",")]
-    modes = [m.strip() for m in args.modes.split(",")]
-    if not set(modes) <= set(MODES):
-        raise SystemExit(f"--modes: each of {', '.join(MODES)}")
     rows = {}
     for offset in offsets:
         for mode in modes:

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_registration import add_setting_option  # run as a script: this folder is on sys.path
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "Fluoro2DRR"))
 LABELMAP = ROOT.parent / "shared" / "data" / "knee_mri_labels" / "SAG_3D_DESS_RIGHT_bones_cart_men_fib-label.nrrd"
@@ -46,8 +48,7 @@ def main():
                     help="fluoroscopy effects drawn per frame, or once per sequence (one scene, fresh noise)")
     ap.add_argument("--inputs", default=",".join(str(i) for i in range(len(INPUTS))),
                     help="which rows, by number: " + ", ".join(f"{i} {n}" for i, n in enumerate(INPUTS)))
-    ap.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
-                    help="change one of the RegistrationSettings (VALUE as JSON); repeat for more")
+    add_setting_option(ap)
     ap.add_argument("--out", default=str(ROOT / "bench_out" / "optimum_bias"))
     args = ap.parse_args()
     inputs = [INPUTS[int(i)] for i in args.inputs.split(",")]

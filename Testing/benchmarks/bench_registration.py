@@ -245,6 +245,13 @@ def fmt_row(name, summary, sec, first):
     return f"| {name} | {sec:.2f}{first_s} | " + " | ".join(cells) + " |"
 
 
+def add_setting_option(ap: argparse.ArgumentParser) -> None:
+    """The benchmarks' ``--setting KEY=VALUE`` (repeatable), read by ``RegistrationSettings.with_overrides``."""
+    ap.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+                    help="change one of the engine's RegistrationSettings (VALUE as JSON, e.g. "
+                         "joint_mediolateral_tolerance_mm=null); repeat for more")
+
+
 def main():
     from Fluoro2DRRLib.registration import RegistrationSettings
 
@@ -267,9 +274,7 @@ def main():
                     help="RegistrationSettings.restart_rotation_deg: out-of-plane restarts on fluoroscopy frames (0: off)")
     ap.add_argument("--outlier-scale", type=float, default=RegistrationSettings().outlier_scale,
                     help="RegistrationSettings.outlier_scale (residuals this many robust sigmas weigh 1/2)")
-    ap.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
-                    help="change one of the engine's RegistrationSettings (VALUE as JSON, e.g. "
-                         "joint_mediolateral_tolerance_mm=null); repeat for more")
+    add_setting_option(ap)
     ap.add_argument("--effects-per", choices=["frame", "sequence"], default="frame",
                     help="simulated fluoroscopy: effects drawn again per frame (default, the tables so far) or once "
                          "per sequence with fresh noise per frame (simulate --effects-per)")
