@@ -1032,16 +1032,38 @@ def polish_on_raw_frame(registrar: Registrar, raw_prepared: tuple, poses: dict[s
     frame, prepared) the polish is kept only when the translated frame still agrees with it: a raw frame
     whose wires, saturation or soft tissue pull the pose away (its dissimilarity on the translated frame
     grows more than ``polish_max_dissimilarity_ratio`` times; legitimate polishes measured 0.99-1.46x, a
-    runaway one 5.2x) leaves the translated pose as it was.
+    runaway one 5.2x) leaves the translated pose as it was. :func:`raw_polish` also says why it dropped one.
+    """
+    return raw_polish(registrar, raw_prepared, poses, translated_prepared)[0]
+
+
+def raw_polish(registrar: Registrar, raw_prepared: tuple, poses: dict[str, np.ndarray],
+               translated_prepared: tuple | None = None) -> tuple[dict[str, np.ndarray], str]:
+    """:func:`polish_on_raw_frame`, and a note for the frame's quality: "" when the polish was kept, else why
+    the translated pose was kept as it was.
+
+    Not polished at all: a raw frame that scores below zero at the translated pose. Its polarity is read the
+    wrong way round (a one-frame registration decides it from that frame alone, and a frame whose leg fills
+    the field reads as a DRR): on seed 22's 60-deg frame the true pose scored -0.175 so, and the polish ran
+    the femur 14.5 mm and the tibia 20.4 mm off, its dissimilarity on the translated frame 1.96-2.00x, just
+    under the veto (Testing/benchmarks/results/capture_range_sequence_scenes_2026-12-06.md). With the right
+    polarity the raw frame scores clearly above zero wherever the translated pose is near the bones.
     """
     image, fov, info = raw_prepared
+    if translated_prepared is not None:
+        at_start = registrar.similarity_at(image, fov, poses, info["polarity"])
+        if at_start < 0.0:
+            return poses, (f"raw-frame polish skipped: the raw frame scores {at_start:.3f} at the translated pose "
+                           f"(its polarity '{info['polarity']}' looks inverted)")
     result, *_ = registrar.register_frame(image, fov, poses, False, True, info["polarity"])
     if translated_prepared is not None:
         t_image, t_fov, t_info = translated_prepared
         before, after = (1.0 - v for v in registrar.similarities_at(t_image, t_fov, [poses, result], t_info["polarity"]))
-        if after > registrar.settings.polish_max_dissimilarity_ratio * max(before, 1e-6):
-            return poses
-    return result
+        ratio = after / max(before, 1e-6)
+        if ratio > registrar.settings.polish_max_dissimilarity_ratio:
+            return poses, (f"raw-frame polish dropped: the translated frame disagrees with it (dissimilarity "
+                           f"{ratio:.2f}x, limit {registrar.settings.polish_max_dissimilarity_ratio:g}x)")
+    return result, ""
 
 
 def _ncc_search(fixed: torch.Tensor, mask: torch.Tensor, templates: torch.Tensor, max_shift_px: float | None = None):
@@ -1278,16 +1300,17 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
             if restarted is result:
                 restarted = None
         if translated is not None and not failed and settings.polish_on_raw_frame:
-            result = polish_on_raw_frame(registrar, raw_prepared, result, (image, fov, frame_info))
+            result, polish_note = raw_polish(registrar, raw_prepared, result, (image, fov, frame_info))
             if restarted is not None:
                 # the translated frame alone can prefer a wrong turn (its optimum is biased by a few degrees where
                 # the networks reshape an edge): the restart is kept only when it also explains the raw frame better
-                polished = polish_on_raw_frame(registrar, raw_prepared, restarted, (image, fov, frame_info))
+                polished, restart_polish_note = raw_polish(registrar, raw_prepared, restarted, (image, fov, frame_info))
                 raw_image, raw_fov, raw_info = raw_prepared
                 raw_old, raw_new = registrar.similarities_at(raw_image, raw_fov, [result, polished], raw_info["polarity"])
                 if raw_new > raw_old:
-                    result, sim = polished, after
+                    result, sim, polish_note = polished, after, restart_polish_note
                     note = "; ".join(filter(None, (note, restart_note, f"raw frame {raw_old:.4f} -> {raw_new:.4f}")))
+            note = "; ".join(filter(None, (note, polish_note)))
         elif restarted is not None:
             result, sim = restarted, after
             note = "; ".join(filter(None, (note, restart_note)))
@@ -1365,15 +1388,17 @@ def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], q
             result, sim, iters, conv = registrar.register_frame(image, fov, start, False, True, info["polarity"])
             revised = bool(sim > old_sim + 1e-4 and sim >= settings.min_similarity)
             if revised:
+                polish_note = ""
                 if translated_frames is not None and settings.polish_on_raw_frame:
-                    result = polish_on_raw_frame(registrar, raw_prepared, result, (image, fov, info))
+                    result, polish_note = raw_polish(registrar, raw_prepared, result, (image, fov, info))
                 for nm in names:
                     poses[nm][i] = result[nm]
                 good_now = (1.0 - sim) <= threshold
                 # a failed frame stays failed unless its new pose explains it as well as the good frames do: a
                 # marginally better pose (seen: 0.815 -> 0.8155) is no reason to trust it, and the bridge below
                 # only tries frames still failed
-                _record_new_pose(by_frame[i], f"revisited from frame {j} (similarity {old_sim:.3f} -> {sim:.3f})",
+                _record_new_pose(by_frame[i], "; ".join(filter(None, (
+                                     f"revisited from frame {j} (similarity {old_sim:.3f} -> {sim:.3f})", polish_note))),
                                  sim, iters, conv, t0, failed=bool(by_frame[i].get("failed", False)) and not good_now)
                 if good_now:
                     weak.discard(i)  # good now: it can seed its own neighbours

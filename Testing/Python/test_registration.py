@@ -17,7 +17,7 @@ from Fluoro2DRRLib.frames_io import load_frames
 from Fluoro2DRRLib.geometry import CArmGeometry
 from Fluoro2DRRLib.registration import (FILLED_PIXEL, Registrar, RegistrationSettings, _rotation_deg,
                                         interpolate_pose, iter_revisit_weak_frames, off_motion_frames, outlier_weights,
-                                        polish_dissimilarity_ratios, polish_on_raw_frame, prepare_frame,
+                                        polish_dissimilarity_ratios, polish_on_raw_frame, prepare_frame, raw_polish,
                                         prepare_frame_and_translation, prepare_translated_frame, register_sequence,
                                         sequence_polarity)
 from Fluoro2DRRLib.render import TwoBoneRenderer
@@ -894,9 +894,32 @@ def test_a_polish_that_the_translated_frame_disagrees_with_is_dropped(sequence):
     guarded = polish_on_raw_frame(registrar, misleading_raw, start, translated_prepared)
     for n in truth:
         np.testing.assert_array_equal(guarded[n], start[n])
-    agreeing = polish_on_raw_frame(registrar, prepare_frame(frames[0]), start, translated_prepared)
+    agreeing, agreeing_note = raw_polish(registrar, prepare_frame(frames[0]), start, translated_prepared)
     for n, e in errors(agreeing, truth, bones, geometry, 0).items():  # a polish both frames agree on is kept
         assert e["in_plane_mm"] < 0.3 and not np.array_equal(agreeing[n], start[n]), (n, e)
+    assert agreeing_note == ""
+    _, dropped_note = raw_polish(registrar, misleading_raw, start, translated_prepared)  # the frame's quality says so
+    ratio = float(dropped_note.split("(dissimilarity ")[1].split("x")[0])
+    assert dropped_note.startswith("raw-frame polish dropped") and ratio > 2.0, dropped_note
+
+
+def test_a_raw_frame_read_upside_down_is_not_polished_on(sequence):
+    """A raw frame compared with the wrong polarity (a one-frame registration decides it from that frame alone)
+    scores below zero at the right pose; polishing on it would walk the bones off (seed 22's 60-deg frame: 14.5
+    and 20.4 mm). The translated pose is kept, and the note says why."""
+    _, geometry, bones, truth, frames = sequence
+    registrar = Registrar(geometry, bones, small_settings())
+    start = {n: truth[n][0] for n in truth}
+    translated_prepared = prepare_frame(frames[0])
+    upside_down = prepare_frame(frames[0], "xray")  # a DRR-polarity frame read as an X-ray: bone bright -> dark
+    assert registrar.similarity_at(*upside_down[:2], start, upside_down[2]["polarity"]) < -0.3
+    unguarded, *_ = registrar.register_frame(upside_down[0], upside_down[1], start, False, True, "xray")
+    moved = [errors(unguarded, truth, bones, geometry, 0)[n]["in_plane_mm"] for n in truth]
+    assert max(moved) > 1.0, moved  # what the polish would do
+    kept, note = raw_polish(registrar, upside_down, start, translated_prepared)
+    for n in truth:
+        np.testing.assert_array_equal(kept[n], start[n])
+    assert note.startswith("raw-frame polish skipped: the raw frame scores -") and "'xray' looks inverted" in note, note
 
 
 def test_a_wire_along_a_bone_edge_is_filled_in_the_raw_frame_and_stops_pulling_the_polish(sequence):
@@ -1046,3 +1069,4 @@ def test_settings_overrides_parse_json_values_and_refuse_unknown_keys():
     for bad in ("no_such_setting=1", "outlier_scale"):
         with pytest.raises(InputError, match="--setting"):
             base.with_overrides([bad])
+
