@@ -83,12 +83,10 @@ def test_repeated_evaluations_reuse_their_buffers_inside_and_hand_them_back_afte
     held_mb = resident_inside_mb - resident_outside_mb
     assert held_mb > 100 and resident_inside_mb - resident_after_mb > 0.75 * held_mb, (
         resident_outside_mb, resident_inside_mb, resident_after_mb)
-    # and glibc's thresholds are back: evaluations take fresh pages again. How many depends on what the heap
-    # kept from earlier work (measured 0.14-0.95x the count outside), so the check is against the block's own
-    # count: ~0 alone, but once 11 000 in the full suite (after: 105 000, under the 10x this check asked then).
-    # Without the thresholds back, after ~ inside.
-    after = _page_faults_per_evaluation(renderer, poses)
-    assert float(np.median(after[-3:])) > 3 * max(float(np.median(inside[-3:])), 1000.0), (outside, inside, after)
+    # That hand-back also shows glibc's thresholds were set back: the trim runs only when mallopt took them.
+    # (Fresh pages per evaluation afterwards cannot show it: each of the renderer's buffers is under the 32 MiB
+    # threshold restored, so whether the heap still has room for them depends on what ran before in this process.
+    # Measured 0.14-0.95x the count outside alone, ~0 in a full suite on 2026-12-06, when a check on it failed.)
 
 
 def test_reusing_buffers_or_not_changes_no_number(scene, one_thread):
