@@ -104,6 +104,11 @@ class RegistrationSettings:
     lost_dissimilarity_margin: float = 0.01
     # a recovery whose dissimilarity is below this fraction of the track's is taken as a re-acquisition
     reacquire_dissimilarity_ratio: float = 0.5
+    # ... or below this fraction of the tracked pose's on the same frame, and no worse than the track's. Seed 24
+    # (twenty-fourth session): the tibia's track drifted 12-28 deg over frames 5-7 (each frame a little worse);
+    # at frame 8 the search found the right pose, 0.70x the tracked pose's dissimilarity and 0.75x the track's,
+    # flagged failed (a 25 mm "jump" from the wrong frame 7), and so were frames 9-15, each searched from frame 7
+    reacquire_same_frame_ratio: float = 0.8
     max_jump_mm: float = 25.0
     max_jump_deg: float = 20.0
     min_similarity: float = 0.5  # below this a frame is not "converged"
@@ -256,11 +261,15 @@ class FrameResult:
     seconds: float
     note: str = ""
     failed: bool = False  # similarity below the floor, or still lost after the recovery
+    # the track was lost here and the recovery explained the frame clearly better than the track had explained
+    # its frames: the track is followed from this frame's new pose, and the frames before it are in question
+    reacquired: bool = False
 
     def quality(self) -> dict:
         return {"frame": self.frame, "similarity": round(float(self.similarity), 5), "iterations": self.iterations,
                 "converged": bool(self.converged), "reinitialised": bool(self.reinitialised),
-                "failed": bool(self.failed), "seconds": round(self.seconds, 3), "note": self.note}
+                "failed": bool(self.failed), "reacquired": bool(self.reacquired), "seconds": round(self.seconds, 3),
+                "note": self.note}
 
 
 @dataclass
@@ -1241,7 +1250,7 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
         raw_prepared, (image, fov, frame_info) = registrar.prepare(
             frames[i], None if translated is None else translated[i], polarity)
         last_good = int(np.flatnonzero(good[:i])[-1]) if good[:i].any() else None
-        reinit = False
+        reinit = reacquired = False
         note = ""
         if per_frame_init is not None:
             start = {nm: per_frame_init[nm][i] for nm in names}
@@ -1273,6 +1282,7 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
             if is_lost:
                 note = f"lost track (similarity {sim:.3f} vs {ref:.3f}, jump {jump_mm:.1f} mm {jump_deg:.1f} deg)"
                 reinit = True
+                tracked_dissimilarity = 1 - sim
                 # first the wide first-frame search from the prediction, then the automatic start
                 for auto_again in (False, True):
                     r2, s2, it2, c2 = registrar.register_frame(image, fov, start, auto_again, False,
@@ -1283,9 +1293,14 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
                     if not lost(sim, result)[0]:
                         break
                     # re-acquired: the search found a pose that explains the frame clearly better than the
-                    # track did (its start was wrong, not this frame): follow the new pose from here on
-                    if (1 - sim) < settings.reacquire_dissimilarity_ratio * (1 - ref):
+                    # track did (its start was wrong, not this frame): follow the new pose from here on. "Clearly":
+                    # far better than the track explained its recent frames, or clearly better than the track's
+                    # own pose explains this frame and no worse than the track explained its recent frames
+                    if (1 - sim) < settings.reacquire_dissimilarity_ratio * (1 - ref) or (
+                            (1 - sim) <= (1 - ref)
+                            and (1 - sim) < settings.reacquire_same_frame_ratio * tracked_dissimilarity):
                         note += f"; re-acquired (similarity {sim:.3f} vs {ref:.3f}): earlier frames may be wrong"
+                        reacquired = True
                         sims.clear()
                         track_start = i  # no velocity across the re-acquisition
                         break
@@ -1320,7 +1335,7 @@ def register_sequence(frames: np.ndarray, geometry: CArmGeometry, bones: dict[st
         if not failed:
             sims.append(sim)
         fr = FrameResult(i, {nm: result[nm] for nm in names}, sim, iters, bool(conv and sim >= settings.min_similarity),
-                         reinit, time.time() - t0, note, failed)
+                         reinit, time.time() - t0, note, failed, reacquired)
         quality.append(fr.quality())
         if on_frame is not None:
             on_frame(fr)
@@ -1344,11 +1359,12 @@ def weak_frames(quality: list[dict], ratio: float, margin: float = 0.01) -> tupl
 def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], quality: list[dict],
                              registrar: Registrar, translated_frames: np.ndarray | None = None,
                              polarity: str = "auto"):
-    """Second pass over a registered sequence: weak frames (:func:`weak_frames`) are registered again from the
-    poses of their good neighbours, backwards (so a frame 0 that the automatic start got wrong is reached
-    from frame 1) then forwards; a new pose is kept when it explains the frame better than the old one
-    (higher similarity on the same image) and clears the similarity floor; a failed frame stays failed unless
-    the new pose makes it a good frame (dissimilarity within the weak-frame threshold).
+    """Second pass over a registered sequence. First, the frames before each re-acquisition of the track are
+    re-tracked backwards from it (:func:`_retrack_before_reacquisitions`). Then weak frames (:func:`weak_frames`)
+    are registered again from the poses of their good neighbours, backwards (so a frame 0 that the automatic
+    start got wrong is reached from frame 1) then forwards; a new pose is kept when it explains the frame
+    better than the old one (higher similarity on the same image) and clears the similarity floor; a failed
+    frame stays failed unless the new pose makes it a good frame (dissimilarity within the weak-frame threshold).
 
     Then a good frame out of line with its neighbours' motion (:func:`off_motion_frames`) is flagged failed.
     A frame still failed after that, between two good frames or next to one at either end, is bridged on the
@@ -1365,6 +1381,7 @@ def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], q
     names = registrar.names
     polarity = sequence_polarity(frames, polarity)
     by_frame = {int(q["frame"]): q for q in quality}
+    yield from _retrack_before_reacquisitions(frames, poses, by_frame, registrar, translated_frames, polarity)
     weak_list, threshold = weak_frames(quality, settings.revisit_dissimilarity_ratio, settings.lost_dissimilarity_margin)
     weak = set(weak_list)
     n = len(frames)
@@ -1411,6 +1428,45 @@ def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], q
     if settings.bridge_failed_frames:
         yield from _bridge_failed_frames(frames, poses, by_frame, registrar, translated_frames, polarity, is_good,
                                          set(off_motion))
+
+
+def _retrack_before_reacquisitions(frames, poses, by_frame, registrar: Registrar, translated_frames, polarity):
+    """Tracking re-acquired at frame r (its recovery explained the frame clearly better than the track had its
+    frames): the track before r may have drifted (seed 24: the tibia turned 12-28 deg over frames 5-7, each frame
+    scoring only a little worse than the one before, so nothing was lost until the jump back at frame 8). Frames
+    r-1, r-2, ... are registered again from the pose of the frame after them, backwards, as far as the previous
+    re-acquisition; a new pose is kept when it explains its frame better. The walk stops at the first frame whose
+    pose is kept or lands where the frame already was: from there back the old track agrees with the new one.
+    Yields ``(frame, revised)``."""
+    settings, names = registrar.settings, registrar.names
+    reacquired = sorted(i for i, q in by_frame.items() if q.get("reacquired", False) and not q.get("failed", False))
+    for k, r in enumerate(reacquired):
+        floor = reacquired[k - 1] if k else -1
+        for i in range(r - 1, floor, -1):
+            if i not in by_frame or not _finite({nm: poses[nm][i + 1] for nm in names}):
+                break
+            t0 = time.time()
+            raw_prepared, (image, fov, info) = registrar.prepare(
+                frames[i], None if translated_frames is None else translated_frames[i], polarity)
+            old_pose = {nm: poses[nm][i].copy() for nm in names}
+            old_sim = registrar.similarity_at(image, fov, old_pose, info["polarity"]) if _finite(old_pose) else -np.inf
+            start = {nm: poses[nm][i + 1] for nm in names}
+            result, sim, iters, conv = registrar.register_frame(image, fov, start, False, True, info["polarity"])
+            revised = bool(sim > old_sim + 1e-4 and sim >= settings.min_similarity)
+            agrees = _same_place(old_pose, result, registrar)
+            if revised:
+                polish_note = ""
+                if translated_frames is not None and settings.polish_on_raw_frame:
+                    result, polish_note = raw_polish(registrar, raw_prepared, result, (image, fov, info))
+                for nm in names:
+                    poses[nm][i] = result[nm]
+                _record_new_pose(by_frame[i], "; ".join(filter(None, (
+                                     f"re-tracked back from re-acquired frame {r} (similarity {old_sim:.3f} -> "
+                                     f"{sim:.3f})", polish_note))),
+                                 sim, iters, conv, t0, failed=bool(by_frame[i].get("failed", False)))
+            yield i, revised
+            if not revised or agrees:
+                break
 
 
 def _off_motion(i: int, poses: dict[str, np.ndarray], registrar: Registrar) -> tuple[float, str]:

@@ -15,8 +15,9 @@ from Fluoro2DRRLib.errors import InputError
 from Fluoro2DRRLib.evaluate import pose_errors
 from Fluoro2DRRLib.frames_io import load_frames
 from Fluoro2DRRLib.geometry import CArmGeometry
-from Fluoro2DRRLib.registration import (FILLED_PIXEL, Registrar, RegistrationSettings, _rotation_deg,
-                                        interpolate_pose, iter_revisit_weak_frames, off_motion_frames, outlier_weights,
+from Fluoro2DRRLib.registration import (FILLED_PIXEL, Registrar, RegistrationSettings, _retrack_before_reacquisitions,
+                                        _rotation_deg, interpolate_pose, iter_revisit_weak_frames, off_motion_frames,
+                                        outlier_weights,
                                         polish_dissimilarity_ratios, polish_on_raw_frame, prepare_frame, raw_polish,
                                         prepare_frame_and_translation, prepare_translated_frame, register_sequence,
                                         sequence_polarity)
@@ -588,27 +589,73 @@ def test_tracking_and_resume(sequence, tmp_path):
     np.testing.assert_allclose(again["femur"], full.poses["femur"], atol=1e-4)
 
 
-def test_a_wrong_track_is_reacquired_not_failed(sequence):
-    """The track so far was wrong but scored well (a first frame registered 30 mm off that claimed 0.95): frame 1,
-    tracked from it, scores far worse, so the track is lost; the recovery finds a pose that explains the frame far
-    better than the track ever did: a re-acquisition (not failed), and the poses are right from there on.
+@pytest.mark.parametrize("claimed", ["far better than its frames", "as well as the right pose explains frame 1"])
+def test_a_wrong_track_is_reacquired_not_failed(sequence, claimed):
+    """The track so far was wrong (a first frame registered 30 mm off): frame 1, tracked from it, scores far worse,
+    so the track is lost; the recovery finds the right pose, 30 mm from the track (a "jump"), which explains the
+    frame far better than the track's pose does and (first case) far better than the track claimed for its frames
+    (0.95), or (second case) about as well as the track claimed: both are re-acquisitions (not failed), and the
+    poses are right from there on. (The second case failed before the twenty-fourth session: a re-acquisition
+    had to halve the track's dissimilarity, which a track that claimed as much as the frames give never allows.)
     (A wrong track that scored as badly as its frames do is not lost: nothing says it is wrong. Before the joint
     prior this test's track claimed 0.6 and was caught only because tracking flung a bone 27 mm; with the
     prior the bones stay together and nothing jumps.)"""
     _, geometry, bones, truth, frames = sequence
+    settings = sequence_logic_settings()
     shift = np.eye(4)
     shift[:3, 3] = 30.0 * np.cross(geometry.beam_direction_world, [1.0, 0.0, 0.0])  # 30 mm in-plane
     wrong = {n: (shift @ truth[n][0])[None] for n in truth}
     rng = np.random.default_rng(4)
     near = {n: perturb(truth[n][1], bones[n].centroid_mm, 6.0, 8.0, 10.0, geometry, rng) for n in truth}
-    result = register_sequence(frames[:2], geometry, bones, settings=sequence_logic_settings(), start_frame=1,
-                               previous=wrong, previous_quality=[{"frame": 0, "similarity": 0.95, "failed": False}],
+    if claimed == "far better than its frames":
+        claim = 0.95
+    else:
+        image, fov, info = prepare_frame(frames[1])
+        at_truth = Registrar(geometry, bones, settings).similarity_at(image, fov, {n: truth[n][1] for n in truth},
+                                                                      info["polarity"])
+        claim = 1 - 1.1 * (1 - at_truth)  # the track explained its frames a little worse than the truth does
+        assert (1 - at_truth) > settings.reacquire_dissimilarity_ratio * (1 - claim)  # the first rule cannot
+    result = register_sequence(frames[:2], geometry, bones, settings=settings, start_frame=1,
+                               previous=wrong, previous_quality=[{"frame": 0, "similarity": claim, "failed": False}],
                                default_poses=near)
     q = result.quality[0]
-    assert "re-acquired" in q["note"] and not q["failed"], q
+    assert "re-acquired" in q["note"] and not q["failed"] and q["reacquired"], q
     e = errors({n: result.poses[n][1] for n in truth}, truth, bones, geometry, 1)
     for n in truth:
         assert e[n]["in_plane_mm"] < 0.5, e
+
+
+def test_the_frames_before_a_reacquisition_are_re_tracked_backwards(sequence):
+    """Tracking drifted (frame 2's tibia turned 10 deg and 4 mm off, scoring about as well as its neighbours, so
+    nothing flagged it) and re-acquired the right pose at frame 3: the second pass first registers frame 2 again
+    from frame 3's pose and keeps the better pose, then frame 1 from frame 2's, and stops there (frame 1's pose
+    was right: the new one lands where it was). Without a re-acquisition this step looks at nothing."""
+    _, geometry, bones, truth, frames = sequence
+    registrar = Registrar(geometry, bones, small_settings())
+    rng = np.random.default_rng(7)
+    drifted = {n: truth[n].copy() for n in truth}
+    drifted["tibia"][2] = perturb(truth["tibia"][2], bones["tibia"].centroid_mm, 10.0, 4.0, 5.0, geometry, rng)
+    assert errors({n: drifted[n][2] for n in truth}, truth, bones, geometry, 2)["tibia"]["rotation_deg"] > 8.0
+
+    def by_frame(reacquired_at):
+        # what tracking reported: every frame as good as the others (the drift went unnoticed)
+        return {k: {"frame": k, "similarity": 0.95, "failed": False, "note": "", "reacquired": k == reacquired_at}
+                for k in range(len(frames))}
+
+    poses = {n: drifted[n].copy() for n in truth}
+    assert list(_retrack_before_reacquisitions(frames, poses, by_frame(None), registrar, None, "auto")) == []
+    q = by_frame(3)
+    tried = list(_retrack_before_reacquisitions(frames, poses, q, registrar, None, "auto"))
+    assert [k for k, _ in tried] == [2, 1] and tried[0][1], tried
+    for k in (1, 2):
+        e = errors({n: poses[n][k] for n in truth}, truth, bones, geometry, k)
+        for n in truth:
+            assert e[n]["in_plane_mm"] < 0.3 and e[n]["rotation_deg"] < 1.0, (k, e)
+    for n in truth:
+        np.testing.assert_array_equal(poses[n][0], drifted[n][0])  # before the walk stopped: untouched
+        np.testing.assert_array_equal(poses[n][3], drifted[n][3])  # the re-acquired frame: untouched
+    assert "re-tracked back from re-acquired frame 3" in q[2]["note"] and not q[2]["failed"], q[2]
+    assert q[2]["similarity"] > 0.95 and q[2]["note"].count("re-tracked") == 1
 
 
 def _quality_flagging(registrar, prepared, poses, failed_frame=None):
