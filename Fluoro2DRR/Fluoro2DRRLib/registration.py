@@ -143,6 +143,14 @@ class RegistrationSettings:
     translated_space: str = "target"
     # with translation: a last tracking-sized refinement on the raw frame (exact edges) after the translated one
     polish_on_raw_frame: bool = True
+    # how: "finest": only rounds of re-weighting on the finest level (a raw fluoroscopy frame; `polish_rounds` of
+    # them, see outlier_rounds), so what the bone models cannot explain is weighed down before it pulls; "all":
+    # the whole tracking registration (every level, unweighted, then outlier_rounds of re-weighting). Measured
+    # from the true poses (twenty-fourth session): "all" let a sensor on seed 24's tibial edge turn the tibia
+    # 4.3-5.7 deg on frames 0-5 (the translated pose 0.8-2.7 deg), "finest" kept it at 0.7-2.0 deg; 6 rounds,
+    # not 3, to carry a translated pose 7 deg off back (seed 22 frame 6: femur 0.77 deg, 2.08 with 3 rounds)
+    polish_levels: str = "finest"
+    polish_rounds: int = 6
     # a polish that explains the translated frame this many times worse (dissimilarity) is dropped
     polish_max_dissimilarity_ratio: float = 2.0
     # after the sequence: a frame whose dissimilarity exceeds this many times the median of the good frames
@@ -970,6 +978,20 @@ class Registrar:
             sim = float(self.score(fl, best, len(self.levels) - 1)[0])  # the plain objective: comparable
         return self._unstack(best), sim, n_it, conv
 
+    def polish_frame(self, frame_image: np.ndarray, fov: np.ndarray, start: dict[str, np.ndarray],
+                     polarity: str) -> dict[str, np.ndarray]:
+        """The raw-frame polish's refinement (see ``polish_levels``): on a raw fluoroscopy frame ("xray"),
+        ``polish_rounds`` rounds of :meth:`reweighted_refine` on the finest level; else (or with "all") the
+        tracking registration of :meth:`register_frame`."""
+        s = self.settings
+        if s.polish_levels == "finest" and polarity == "xray" and s.polish_rounds > 0:
+            best, _ = self.reweighted_refine(self._frame_levels(frame_image, fov, polarity), self._stack(start),
+                                             s.polish_rounds)
+            return self._unstack(best)
+        if s.polish_levels not in ("finest", "all"):
+            raise InputError("settings", f"polish_levels must be 'finest' or 'all', not {s.polish_levels!r}")
+        return self.register_frame(frame_image, fov, start, False, True, polarity)[0]
+
     def reweighted_refine(self, fixed_levels, poses: torch.Tensor, rounds: int) -> tuple[torch.Tensor, int]:
         """``rounds`` x (:func:`outlier_weights` at the current pose, then a tracking-sized refinement of the
         finest level under those weights). poses (1, K, 4, 4) -> (poses, evaluations)."""
@@ -1036,7 +1058,9 @@ def polish_on_raw_frame(registrar: Registrar, raw_prepared: tuple, poses: dict[s
 
     The translated image gives the wide basin (it looks like a DRR), the raw frame the exact edges (the
     networks soften and slightly reshape them): measured in Testing/benchmarks/bench_capture_range.py.
-    Tracking-sized search regions, so the pose stays in the basin the translated frame chose.
+    Tracking-sized search regions, so the pose stays in the basin the translated frame chose; on a raw
+    fluoroscopy frame only the finest level, re-weighted from the start (:meth:`Registrar.polish_frame`), so a
+    wire or a sensor on a bone's edge is weighed down before it can pull the edge onto itself.
     ``raw_prepared``: :func:`prepare_frame` of the raw frame. With ``translated_prepared`` (the translated
     frame, prepared) the polish is kept only when the translated frame still agrees with it: a raw frame
     whose wires, saturation or soft tissue pull the pose away (its dissimilarity on the translated frame
@@ -1064,7 +1088,7 @@ def raw_polish(registrar: Registrar, raw_prepared: tuple, poses: dict[str, np.nd
         if at_start < 0.0:
             return poses, (f"raw-frame polish skipped: the raw frame scores {at_start:.3f} at the translated pose "
                            f"(its polarity '{info['polarity']}' looks inverted)")
-    result, *_ = registrar.register_frame(image, fov, poses, False, True, info["polarity"])
+    result = registrar.polish_frame(image, fov, poses, info["polarity"])
     if translated_prepared is not None:
         t_image, t_fov, t_info = translated_prepared
         before, after = (1.0 - v for v in registrar.similarities_at(t_image, t_fov, [poses, result], t_info["polarity"]))
