@@ -148,7 +148,10 @@ class RegistrationSettings:
     # the whole tracking registration (every level, unweighted, then outlier_rounds of re-weighting). Measured
     # from the true poses (twenty-fourth session): "all" let a sensor on seed 24's tibial edge turn the tibia
     # 4.3-5.7 deg on frames 0-5 (the translated pose 0.8-2.7 deg), "finest" kept it at 0.7-2.0 deg; 6 rounds,
-    # not 3, to carry a translated pose 7 deg off back (seed 22 frame 6: femur 0.77 deg, 2.08 with 3 rounds)
+    # not 3, to carry a translated pose 7 deg off back (seed 22 frame 6: femur 0.77 deg, 2.08 with 3 rounds).
+    # "weighted": every level, each weighted by the outliers at the start pose, then the rounds: it keeps the
+    # coarse levels' reach (capture range at 40 mm, seeds 24 and 31: 100 % where "finest" passed 17 / 33 %),
+    # from the truth on seed 24 1.74 deg; not yet run through the tracking benchmark (twenty-fourth session)
     polish_levels: str = "finest"
     polish_rounds: int = 6
     # a polish that explains the translated frame this many times worse (dissimilarity) is dropped
@@ -981,15 +984,23 @@ class Registrar:
     def polish_frame(self, frame_image: np.ndarray, fov: np.ndarray, start: dict[str, np.ndarray],
                      polarity: str) -> dict[str, np.ndarray]:
         """The raw-frame polish's refinement (see ``polish_levels``): on a raw fluoroscopy frame ("xray"),
-        ``polish_rounds`` rounds of :meth:`reweighted_refine` on the finest level; else (or with "all") the
-        tracking registration of :meth:`register_frame`."""
+        ``polish_rounds`` rounds of :meth:`reweighted_refine` on the finest level ("weighted": after a tracking
+        refinement over every level, each weighted by :func:`outlier_weights` at ``start``); else (or with "all")
+        the tracking registration of :meth:`register_frame`."""
         s = self.settings
-        if s.polish_levels == "finest" and polarity == "xray" and s.polish_rounds > 0:
-            best, _ = self.reweighted_refine(self._frame_levels(frame_image, fov, polarity), self._stack(start),
-                                             s.polish_rounds)
+        if s.polish_levels not in ("finest", "weighted", "all"):
+            raise InputError("settings", f"polish_levels must be 'finest', 'weighted' or 'all', not {s.polish_levels!r}")
+        if s.polish_levels != "all" and polarity == "xray" and s.polish_rounds > 0:
+            levels = self._frame_levels(frame_image, fov, polarity)
+            poses = self._stack(start)
+            if s.polish_levels == "weighted":
+                with torch.no_grad():
+                    weighted = [(fixed, mask * outlier_weights(fixed, self._moving(self._render(renderer, poses)), mask,
+                                                               self.highpass, s.outlier_scale))
+                                for renderer, (fixed, mask) in zip(self.levels, levels)]
+                poses, *_ = self.refine(weighted, poses, s.track_iterations, tracking=True)
+            best, _ = self.reweighted_refine(levels, poses, s.polish_rounds)
             return self._unstack(best)
-        if s.polish_levels not in ("finest", "all"):
-            raise InputError("settings", f"polish_levels must be 'finest' or 'all', not {s.polish_levels!r}")
         return self.register_frame(frame_image, fov, start, False, True, polarity)[0]
 
     def reweighted_refine(self, fixed_levels, poses: torch.Tensor, rounds: int) -> tuple[torch.Tensor, int]:

@@ -976,7 +976,8 @@ def test_a_wire_along_a_bone_edge_is_filled_in_the_raw_frame_and_stops_pulling_t
     a registration without translation) follows it, since moving the edge onto the wire explains the wire, and
     the re-weighting after it comes too late. Filled from its surroundings
     (RegistrationSettings.raw_thin_line_width_mm), the polish from the truth stays there. The polish as it is
-    now (``polish_levels="finest"``: re-weighting rounds from the start) stays there even with the wire kept."""
+    now (``polish_levels="finest"``: re-weighting rounds from the start) stays there even with the wire kept, and
+    so does ``"weighted"`` (every level weighted by the outliers at the start first)."""
     from scipy import ndimage
 
     from Fluoro2DRRLib.render import render_numpy
@@ -1004,6 +1005,9 @@ def test_a_wire_along_a_bone_edge_is_filled_in_the_raw_frame_and_stops_pulling_t
             finest = Registrar(geometry, bones, small_settings())
             assert finest.settings.polish_levels == "finest"  # the product's default
             result["kept, finest"] = errors(polish_on_raw_frame(finest, raw_prepared, start), truth, bones, geometry, 0)
+            weighted = Registrar(geometry, bones, small_settings(polish_levels="weighted"))
+            result["kept, weighted"] = errors(polish_on_raw_frame(weighted, raw_prepared, start), truth, bones,
+                                              geometry, 0)
     assert wire_left["filled"] < 0.5 * wire_left["kept"], wire_left  # most of the wire is gone from the frame
     filled_prepared, _ = prepare_frame_and_translation(raw_frame, None, "xray",
                                                        registrar.thin_lines_px(raw_frame.shape))
@@ -1013,7 +1017,7 @@ def test_a_wire_along_a_bone_edge_is_filled_in_the_raw_frame_and_stops_pulling_t
     assert levels[-1][1][0, 0].numpy()[filled_pixels].max() == 0.0
     assert float(levels[0][1].mean()) > float(levels[1][1].mean()) + 0.005, [float(m.mean()) for _, m in levels]
     assert result["kept"]["femur"]["in_plane_mm"] > 1.0 and result["kept"]["femur"]["rotation_deg"] > 5.0, result
-    for label in ("filled", "kept, finest"):
+    for label in ("filled", "kept, finest", "kept, weighted"):
         for n, e in result[label].items():
             assert e["in_plane_mm"] < 0.5 and e["rotation_deg"] < 1.0, (label, n, e)
 
@@ -1114,7 +1118,7 @@ def test_bad_inputs_are_clear(clean):
         register_sequence(frames, geometry, bones, init_poses={"femur": np.repeat(truth["femur"][:1], 2, 0)})
     registrar = Registrar(geometry, bones, small_settings(polish_levels="coarse"))
     image, fov, _ = prepare_frame(frames[0], "xray")
-    with pytest.raises(InputError, match="polish_levels must be 'finest' or 'all'"):
+    with pytest.raises(InputError, match="polish_levels must be 'finest', 'weighted' or 'all'"):
         registrar.polish_frame(image, fov, {n: truth[n][0] for n in truth}, "xray")
 
 
