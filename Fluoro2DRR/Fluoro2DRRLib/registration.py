@@ -19,6 +19,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -1432,29 +1433,20 @@ def iter_revisit_weak_frames(frames: np.ndarray, poses: dict[str, np.ndarray], q
             if i not in weak or i not in by_frame or not (0 <= j < n and is_good(j)):
                 continue
             t0 = time.time()
-            raw_prepared, (image, fov, info) = registrar.prepare(
-                frames[i], None if translated_frames is None else translated_frames[i], polarity)
-            old_pose = {nm: poses[nm][i] for nm in names}
-            old_sim = registrar.similarity_at(image, fov, old_pose, info["polarity"]) if _finite(old_pose) else -np.inf
-            start = {nm: poses[nm][j] for nm in names}
-            result, sim, iters, conv = registrar.register_frame(image, fov, start, False, True, info["polarity"])
-            revised = bool(sim > old_sim + 1e-4 and sim >= settings.min_similarity)
-            if revised:
-                polish_note = ""
-                if translated_frames is not None and settings.polish_on_raw_frame:
-                    result, polish_note = raw_polish(registrar, raw_prepared, result, (image, fov, info))
-                for nm in names:
-                    poses[nm][i] = result[nm]
-                good_now = (1.0 - sim) <= threshold
+            again = _register_from_neighbour(i, j, frames, poses, registrar, translated_frames, polarity)
+            if again.revised:
+                good_now = (1.0 - again.sim) <= threshold
                 # a failed frame stays failed unless its new pose explains it as well as the good frames do: a
                 # marginally better pose (seen: 0.815 -> 0.8155) is no reason to trust it, and the bridge below
                 # only tries frames still failed
                 _record_new_pose(by_frame[i], "; ".join(filter(None, (
-                                     f"revisited from frame {j} (similarity {old_sim:.3f} -> {sim:.3f})", polish_note))),
-                                 sim, iters, conv, t0, failed=bool(by_frame[i].get("failed", False)) and not good_now)
+                                     f"revisited from frame {j} (similarity {again.old_sim:.3f} -> {again.sim:.3f})",
+                                     again.polish_note))),
+                                 again.sim, again.iters, again.conv, t0,
+                                 failed=bool(by_frame[i].get("failed", False)) and not good_now)
                 if good_now:
                     weak.discard(i)  # good now: it can seed its own neighbours
-            yield i, revised
+            yield i, again.revised
     # (judged among the frames not failed after the revisits: a frame still weak on its image is a registered
     # pose all the same, and its motion counts -- seed 22 frame 6, 12 deg off, has a weak frame two away)
     off_motion = off_motion_frames(poses, quality, registrar) if settings.flag_off_motion_frames else {}
@@ -1473,7 +1465,7 @@ def _retrack_before_reacquisitions(frames, poses, by_frame, registrar: Registrar
     re-acquisition; a new pose is kept when it explains its frame better. The walk stops at the first frame whose
     pose is kept or lands where the frame already was: from there back the old track agrees with the new one.
     Yields ``(frame, revised)``."""
-    settings, names = registrar.settings, registrar.names
+    names = registrar.names
     reacquired = sorted(i for i, q in by_frame.items() if q.get("reacquired", False) and not q.get("failed", False))
     for k, r in enumerate(reacquired):
         floor = reacquired[k - 1] if k else -1
@@ -1481,27 +1473,48 @@ def _retrack_before_reacquisitions(frames, poses, by_frame, registrar: Registrar
             if i not in by_frame or not _finite({nm: poses[nm][i + 1] for nm in names}):
                 break
             t0 = time.time()
-            raw_prepared, (image, fov, info) = registrar.prepare(
-                frames[i], None if translated_frames is None else translated_frames[i], polarity)
-            old_pose = {nm: poses[nm][i].copy() for nm in names}
-            old_sim = registrar.similarity_at(image, fov, old_pose, info["polarity"]) if _finite(old_pose) else -np.inf
-            start = {nm: poses[nm][i + 1] for nm in names}
-            result, sim, iters, conv = registrar.register_frame(image, fov, start, False, True, info["polarity"])
-            revised = bool(sim > old_sim + 1e-4 and sim >= settings.min_similarity)
-            agrees = _same_place(old_pose, result, registrar)
-            if revised:
-                polish_note = ""
-                if translated_frames is not None and settings.polish_on_raw_frame:
-                    result, polish_note = raw_polish(registrar, raw_prepared, result, (image, fov, info))
-                for nm in names:
-                    poses[nm][i] = result[nm]
+            again = _register_from_neighbour(i, i + 1, frames, poses, registrar, translated_frames, polarity)
+            if again.revised:
                 _record_new_pose(by_frame[i], "; ".join(filter(None, (
-                                     f"re-tracked back from re-acquired frame {r} (similarity {old_sim:.3f} -> "
-                                     f"{sim:.3f})", polish_note))),
-                                 sim, iters, conv, t0, failed=bool(by_frame[i].get("failed", False)))
-            yield i, revised
-            if not revised or agrees:
+                                     f"re-tracked back from re-acquired frame {r} (similarity {again.old_sim:.3f} -> "
+                                     f"{again.sim:.3f})", again.polish_note))),
+                                 again.sim, again.iters, again.conv, t0, failed=bool(by_frame[i].get("failed", False)))
+            yield i, again.revised
+            if not again.revised or again.agrees:
                 break
+
+
+class _NeighbourRegistration(NamedTuple):
+    revised: bool  # the new pose explains the frame better and clears the floor: written into the poses
+    agrees: bool  # the new pose (before the polish) lands where the old one was (:func:`_same_place`)
+    old_sim: float
+    sim: float
+    iters: int
+    conv: bool
+    polish_note: str
+
+
+def _register_from_neighbour(i: int, j: int, frames, poses, registrar: Registrar, translated_frames,
+                             polarity: str) -> _NeighbourRegistration:
+    """Frame ``i`` registered again (tracking) from frame ``j``'s pose. When the new pose explains the frame
+    better than its old one (on the registered image) and clears the similarity floor, it is polished on the raw
+    frame (with translation) and written into ``poses``; the caller records the quality."""
+    settings, names = registrar.settings, registrar.names
+    raw_prepared, (image, fov, info) = registrar.prepare(
+        frames[i], None if translated_frames is None else translated_frames[i], polarity)
+    old_pose = {nm: poses[nm][i].copy() for nm in names}
+    old_sim = registrar.similarity_at(image, fov, old_pose, info["polarity"]) if _finite(old_pose) else -np.inf
+    start = {nm: poses[nm][j] for nm in names}
+    result, sim, iters, conv = registrar.register_frame(image, fov, start, False, True, info["polarity"])
+    revised = bool(sim > old_sim + 1e-4 and sim >= settings.min_similarity)
+    agrees = _same_place(old_pose, result, registrar)
+    polish_note = ""
+    if revised:
+        if translated_frames is not None and settings.polish_on_raw_frame:
+            result, polish_note = raw_polish(registrar, raw_prepared, result, (image, fov, info))
+        for nm in names:
+            poses[nm][i] = result[nm]
+    return _NeighbourRegistration(revised, agrees, float(old_sim), float(sim), int(iters), bool(conv), polish_note)
 
 
 def _off_motion(i: int, poses: dict[str, np.ndarray], registrar: Registrar) -> tuple[float, str]:
