@@ -29,6 +29,9 @@ def _add_simulate(sub):
                    help="with --realism fluoro: draw the effects (exposure, soft tissue, wires, markers, the "
                         "intensifier's field) again for every frame (default, as in the benchmarks so far), or "
                         "once for the sequence with fresh noise per frame (one C-arm setting, as in a real trial)")
+    p.add_argument("--fluoro-effect", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --realism fluoro: change one effect's range (repeatable), e.g. focal_sigma_px=0.1,0.4 "
+                        "(the focal spot's blur, detector pixels), wires_on=off; the keys are FluoroEffects' fields")
     p.add_argument("--labelmap", help="label map (NRRD/NIfTI/...) with femur and tibia labels")
     p.add_argument("--femur-label", type=int, default=5)
     p.add_argument("--tibia-label", type=int, default=6)
@@ -48,7 +51,8 @@ def _run_simulate(args):
                              tibia_label=args.tibia_label, femur_mesh=args.femur, tibia_mesh=args.tibia,
                              mesh_coordinate_system=args.mesh_space, mesh_units=args.units,
                              max_flexion_deg=args.max_flexion,
-                             fluoro_strength=args.fluoro_strength, fluoro_effects_per=args.effects_per)
+                             fluoro_strength=args.fluoro_strength, fluoro_effects_per=args.effects_per,
+                             fluoro_effects=args.fluoro_effect)
     print(f"wrote {info['n_frames']} {info['realism']} frames of {info['subject']} to {args.out} "
           f"in {info['seconds']:.1f} s")
 

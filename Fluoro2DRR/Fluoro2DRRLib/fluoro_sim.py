@@ -27,6 +27,8 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 from scipy import ndimage
 
+from .errors import InputError
+
 TARGET_LI_SCALE = 30.0
 """Line-integral scale (mm x density) of the clean target map ``exp(-S / TARGET_LI_SCALE)``."""
 
@@ -119,6 +121,40 @@ class FluoroEffects:
         on = {f"{n}_on" for n in names}
         return replace(self, **{f.name: (f.name in on and getattr(self, f.name))
                                 for f in fields(self) if f.name.endswith("_on")})
+
+    def with_overrides(self, pairs=()) -> "FluoroEffects":
+        """Copy with ``KEY=VALUE`` strings applied (the command line's ``--fluoro-effect``): a range as
+        ``LOW,HIGH`` (``focal_sigma_px=0.1,0.4``), a probability as one number, a switch as on/off. A range
+        changed this way keeps every random draw of the scene: only the drawn value moves within the new range."""
+        by_name = {f.name: f for f in fields(self)}
+        changes = {}
+        for pair in pairs:
+            key, sep, value = str(pair).partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or key not in by_name:
+                raise InputError("--fluoro-effect", f"{pair!r}: expected KEY=VALUE with KEY one of "
+                                                    f"{', '.join(sorted(by_name))}")
+            current = getattr(self, key)
+            try:
+                if isinstance(current, bool):
+                    if value.lower() not in ("on", "off", "true", "false", "1", "0"):
+                        raise ValueError(value)
+                    changes[key] = value.lower() in ("on", "true", "1")
+                elif isinstance(current, tuple):
+                    low, high = (float(v) for v in value.split(","))
+                    if not (np.isfinite(low) and np.isfinite(high) and 0 <= low <= high):
+                        raise ValueError(value)
+                    changes[key] = (type(current[0])(low), type(current[0])(high))
+                else:
+                    number = float(value)
+                    if not (np.isfinite(number) and number >= 0):
+                        raise ValueError(value)
+                    changes[key] = type(current)(number)
+            except ValueError:
+                kind = ("on or off" if isinstance(current, bool) else "LOW,HIGH with 0 <= LOW <= HIGH"
+                        if isinstance(current, tuple) else "a number >= 0")
+                raise InputError("--fluoro-effect", f"{pair!r}: {key} takes {kind}") from None
+        return replace(self, **changes)
 
 
 def _u(rng, rng_range):

@@ -66,7 +66,9 @@ def simulate_sequence(out_dir, n_frames: int = 20, seed: int = 0, realism: str =
                       mesh_coordinate_system: str = "auto", mesh_units: str = "mm", max_flexion_deg: float = 60.0,
                       geometry: CArmGeometry | None = None, progress: bool = True, overwrite: bool = False,
                       phantom_voxel_mm: float = 0.6, fluoro_strength: float = 1.0,
-                      fluoro_effects_per: str = "frame") -> dict:
+                      fluoro_effects_per: str = "frame", fluoro_effects: list[str] | tuple[str, ...] = ()) -> dict:
+    """``fluoro_effects``: ``KEY=VALUE`` changes of :class:`fluoro_sim.FluoroEffects` for ``realism="fluoro"``
+    (:meth:`FluoroEffects.with_overrides`), e.g. ``("focal_sigma_px=0.1,0.4",)``."""
     from . import calibration_io, frames_io, pose_io
     from .render import TwoBoneRenderer, bone_outside_view
 
@@ -76,6 +78,9 @@ def simulate_sequence(out_dir, n_frames: int = 20, seed: int = 0, realism: str =
         raise InputError("--effects-per", f"must be 'frame' or 'sequence', not {fluoro_effects_per!r}")
     if n_frames < 1:
         raise InputError("--frames", "must be at least 1")
+    from .fluoro_sim import FluoroEffects
+
+    effects = FluoroEffects().with_overrides(fluoro_effects)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         if not (overwrite or (out_dir / "simulation.json").exists()):
@@ -109,10 +114,10 @@ def simulate_sequence(out_dir, n_frames: int = 20, seed: int = 0, realism: str =
                 from .fluoro_sim import simulate_fluoroscopy
 
                 if fluoro_effects_per == "sequence":  # one scene for the sequence, fresh noise per frame
-                    image = simulate_fluoroscopy(li, np.random.default_rng(seed + 11), strength=fluoro_strength,
-                                                 noise_rng=rng)
+                    image = simulate_fluoroscopy(li, np.random.default_rng(seed + 11), effects,
+                                                 strength=fluoro_strength, noise_rng=rng)
                 else:  # every effect drawn again for every frame (not how a real trial looks; the default)
-                    image = simulate_fluoroscopy(li, rng, strength=fluoro_strength)
+                    image = simulate_fluoroscopy(li, rng, effects, strength=fluoro_strength)
                 frames.append(np.clip(image * 255.0, 0, 255))
 
     tmp = out_dir.with_name(out_dir.name + ".partial")
@@ -135,7 +140,8 @@ def simulate_sequence(out_dir, n_frames: int = 20, seed: int = 0, realism: str =
             "subject": description, "clean_drr_counts_per_mm": CLEAN_DRR_COUNTS_PER_MM,
             "polarity": "drr" if realism == "none" else "xray",
             "fluoro_strength": fluoro_strength if realism == "fluoro" else None,
-            "fluoro_effects_per": fluoro_effects_per if realism == "fluoro" else None, "seconds": round(time.time() - t0, 2)}
+            "fluoro_effects_per": fluoro_effects_per if realism == "fluoro" else None,
+            "fluoro_effects": list(fluoro_effects) if realism == "fluoro" else None, "seconds": round(time.time() - t0, 2)}
     (tmp / "simulation.json").write_text(json.dumps(info, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)

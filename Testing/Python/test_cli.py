@@ -181,9 +181,13 @@ def test_bad_inputs(sim, tmp_path, capsys):
     sitk.WriteImage(sitk.GetImageFromArray(labels), str(lab_path))
     assert main(["simulate", "--out", str(tmp_path / "s2"), "--labelmap", str(lab_path)]) == 2
     _one_line_error(capsys, "labels.nrrd", "label 6", "empty")
+    # an effect override that names no effect
+    assert main(["simulate", "--out", str(tmp_path / "s3"), "--realism", "fluoro",
+                 "--fluoro-effect", "focal_blur=0.1,0.4"]) == 2
+    _one_line_error(capsys, "--fluoro-effect", "focal_blur=0.1,0.4", "focal_sigma_px")
     # nothing was left behind as if complete
     assert not (out / "report.json").exists()
-    assert not (tmp_path / "s2").exists()
+    assert not (tmp_path / "s2").exists() and not (tmp_path / "s3").exists()
 
 
 def test_register_help_shows_the_interface(capsys):

@@ -9,6 +9,7 @@ from dataclasses import fields
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from Fluoro2DRRLib.errors import InputError
 from Fluoro2DRRLib.fluoro_sim import (TARGET_LI_SCALE, FluoroEffects, bone_mask_from_line_integrals,
@@ -98,6 +99,35 @@ def test_one_scene_with_fresh_noise_per_frame(li):
     assert 0.0 < noise_only < 0.2 * float(np.abs(a - other_scene).mean()), (noise_only, np.abs(a - other_scene).mean())
 
 
+def test_an_effect_range_changed_keeps_the_scene(li):
+    """``--fluoro-effect focal_sigma_px=0,0`` takes the focal spot's blur out of a scene and nothing else: the
+    frame is the same scene (far closer to it than another scene is) with sharper bone edges."""
+    focal_off = FluoroEffects().with_overrides(["focal_sigma_px=0,0"])
+    assert focal_off.focal_sigma_px == (0.0, 0.0) and focal_off.gain == FluoroEffects().gain
+    blurred = simulate_fluoroscopy(li, np.random.default_rng(5), noise_rng=np.random.default_rng(1))
+    sharp = simulate_fluoroscopy(li, np.random.default_rng(5), focal_off, noise_rng=np.random.default_rng(1))
+    other_scene = simulate_fluoroscopy(li, np.random.default_rng(6), noise_rng=np.random.default_rng(1))
+    same = float(np.abs(sharp - blurred).mean())
+    assert 0.0 < same < 0.2 * float(np.abs(sharp - other_scene).mean())
+    edges = bone_mask_from_line_integrals(li, 2.0)
+    edges = edges ^ ndimage.binary_erosion(edges, iterations=2)
+
+    def edge_gradient(image):
+        gy, gx = np.gradient(ndimage.gaussian_filter(image.astype(np.float64), 0.7))
+        return float(np.hypot(gx, gy)[edges].mean())
+
+    assert edge_gradient(sharp) > 1.1 * edge_gradient(blurred), (edge_gradient(sharp), edge_gradient(blurred))
+
+
+@pytest.mark.parametrize("pair, message", [("nope=1", "KEY one of"), ("focal_sigma_px=0.3", "LOW,HIGH"),
+                                           ("focal_sigma_px=0.3,0.1", "LOW,HIGH"), ("focal_sigma_px=nan,1", "LOW,HIGH"),
+                                           ("wires_on=maybe", "on or off"), ("other_leg_prob=-1", ">= 0"),
+                                           ("gain", "KEY=VALUE")])
+def test_a_bad_effect_override_is_a_clear_error(pair, message):
+    with pytest.raises(InputError, match=message):
+        FluoroEffects().with_overrides([pair])
+
+
 @pytest.mark.parametrize("effects_per", ["frame", "sequence"])
 def test_a_simulated_sequence_keeps_or_redraws_its_scene(tmp_path, effects_per):
     """The intensifier's circular field (drawn with the scene) stays put across a "sequence" simulation and
@@ -106,8 +136,9 @@ def test_a_simulated_sequence_keeps_or_redraws_its_scene(tmp_path, effects_per):
     from Fluoro2DRRLib.simulate import simulate_sequence
 
     info = simulate_sequence(tmp_path / "sim", n_frames=3, seed=4, realism="fluoro", image_size=64, progress=False,
-                             phantom_voxel_mm=1.5, fluoro_effects_per=effects_per)
-    assert info["fluoro_effects_per"] == effects_per
+                             phantom_voxel_mm=1.5, fluoro_effects_per=effects_per,
+                             fluoro_effects=["vignetting=0.2,0.3"])
+    assert info["fluoro_effects_per"] == effects_per and info["fluoro_effects"] == ["vignetting=0.2,0.3"]
     frames = load_frames(tmp_path / "sim" / "frames").frames.astype(np.float32)
     outside = frames < 0.05 * 255  # the dark surround of the field
     changed = max(float(np.mean(outside[k] != outside[0])) for k in range(1, len(frames)))
@@ -463,7 +494,6 @@ def test_phantom_shape_variety_changes_the_bones_and_leaves_the_template_alone()
     """``shape_variety`` 0 is the template (every test and benchmark's phantoms, bit for bit); 1 moves and resizes
     every part (measured: volumes 0.92-1.18x the template's on seeds 1000-1002), each bone still one solid,
     the same shapes for the same seed."""
-    from scipy import ndimage
 
     from Fluoro2DRRLib.phantom import make_knee_phantom
 

@@ -101,6 +101,9 @@ def main():
     ap.add_argument("--offsets", default="2,5,10,15,20")
     ap.add_argument("--strength", type=float, default=1.0, help="fluoroscopy effect strength")
     ap.add_argument("--seed", type=int, default=31, help="the simulated sequence (bench_registration.py's --seed)")
+    ap.add_argument("--fluoro-effect", action="append", default=[], metavar="KEY=VALUE",
+                    help="simulated fluoroscopy: change one effect's range (repeatable; simulate --fluoro-effect), "
+                         "e.g. focal_sigma_px=0.1,0.4")
     ap.add_argument("--effects-per", choices=["frame", "sequence"], default="frame",
                     help="fluoroscopy effects drawn per frame, or once per sequence (one scene, fresh noise)")
     ap.add_argument("--threads", type=int, default=1)
@@ -132,7 +135,8 @@ def main():
     sim = out / "sim"
     subject = {"labelmap": str(LABELMAP)} if LABELMAP.exists() else {}
     simulate_sequence(sim, n_frames=args.frames, seed=args.seed, realism="fluoro", image_size=256, overwrite=True,
-                      progress=False, fluoro_strength=args.strength, fluoro_effects_per=args.effects_per, **subject)
+                      progress=False, fluoro_strength=args.strength, fluoro_effects_per=args.effects_per,
+                      fluoro_effects=args.fluoro_effect, **subject)
     geometry = load_calibration(sim / "calibration.json")
     bones = {n: bone_from_mesh_file(sim / "models" / f"{n}.stl", n) for n in ("femur", "tibia")}
     truth = pose_io.read_poses_csv(sim / "truth" / "poses.csv")

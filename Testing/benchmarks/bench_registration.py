@@ -275,6 +275,9 @@ def main():
     ap.add_argument("--outlier-scale", type=float, default=RegistrationSettings().outlier_scale,
                     help="RegistrationSettings.outlier_scale (residuals this many robust sigmas weigh 1/2)")
     add_setting_option(ap)
+    ap.add_argument("--fluoro-effect", action="append", default=[], metavar="KEY=VALUE",
+                    help="simulated fluoroscopy: change one effect's range (repeatable; simulate --fluoro-effect), "
+                         "e.g. focal_sigma_px=0.1,0.4")
     ap.add_argument("--effects-per", choices=["frame", "sequence"], default="frame",
                     help="simulated fluoroscopy: effects drawn again per frame (default, the tables so far) or once "
                          "per sequence with fresh noise per frame (simulate --effects-per)")
@@ -310,10 +313,12 @@ def main():
         simulated = json.loads((sim_dir / "simulation.json").read_text()) if (sim_dir / "simulation.json").exists() \
             else {}
         if simulated.get("seed") != args.seed or case not in ("translated",) \
-                or simulated.get("fluoro_effects_per", "frame") != args.effects_per:
+                or simulated.get("fluoro_effects_per", "frame") != args.effects_per \
+                or (simulated.get("fluoro_effects") or []) != args.fluoro_effect:
             print(f"simulating {args.frames} {realism} frames of the {subject_name}", flush=True)
             simulate_sequence(sim_dir, n_frames=args.frames, seed=args.seed, realism=realism, image_size=256,
-                              overwrite=True, progress=False, fluoro_effects_per=args.effects_per, **subject)
+                              overwrite=True, progress=False, fluoro_effects_per=args.effects_per,
+                              fluoro_effects=args.fluoro_effect, **subject)
         run_case(case, sim_dir, args, rows, details)
     if not args.skip_memory:
         memory_check(args, details)
@@ -322,7 +327,8 @@ def main():
               "| tibia in-plane mm med/p95 | out-of-plane mm | rotation deg | success % |\n|" + "---|" * 10)
     lines = [f"Subject: {subject_name}; 256 x 256 detector; {machine}; torch {torch.__version__}"
              + (f"; translation model {args.translation}" if "translated" in args.cases.split(",") else "")
-             + f"; sequence seed {args.seed}, fluoroscopy effects drawn per {args.effects_per}; raw frames re-weighted {args.outlier_rounds} rounds"
+             + f"; sequence seed {args.seed}, fluoroscopy effects drawn per {args.effects_per}"
+             + "".join(f", {item}" for item in args.fluoro_effect) + f"; raw frames re-weighted {args.outlier_rounds} rounds"
              f" (scale {args.outlier_scale:g}); out-of-plane restarts {args.restart_deg:g} deg"
              + "".join(f"; {item}" for item in args.setting) + ".", "",
              header]
