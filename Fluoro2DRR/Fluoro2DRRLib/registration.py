@@ -152,8 +152,7 @@ class RegistrationSettings:
     # each round's refinement is bounded, and 6 stopped short of the raw frame's optimum (a tibia's turn about its
     # long axis, which a single view barely sees); tracking, seeds 21-24 once per sequence, the tibia's median
     # rotation 0.87 -> 0.82 deg pooled, seed 24 1.10 -> 0.82, the femur 0.51 -> 0.47, in-plane within 0.01 mm
-    # (twenty-fifth session; 3 rounds had left seed 22
-    # frame 6's femur at 2.08 deg, 6 at 0.77).
+    # (twenty-fifth session; 3 rounds had left seed 22 frame 6's femur at 2.08 deg, 6 at 0.77).
     # "weighted": every level, each weighted by the outliers at the start pose, then the rounds: it keeps the
     # coarse levels' reach (capture range at 40 mm, seeds 24 and 31: 100 % where "finest" passed 17 / 33 %);
     # tracking (6 rounds, seeds 22 + 24): tibia 0.92 deg where "finest" gave 1.16, but in-plane 0.34 mm where it
