@@ -126,14 +126,14 @@ class FluoroEffects:
         """Copy with ``KEY=VALUE`` strings applied (the command line's ``--fluoro-effect``): a range as
         ``LOW,HIGH`` (``focal_sigma_px=0.1,0.4``), a probability as one number, a switch as on/off. A range
         changed this way keeps every random draw of the scene: only the drawn value moves within the new range."""
-        by_name = {f.name: f for f in fields(self)}
+        known = {f.name for f in fields(self)}
         changes = {}
         for pair in pairs:
             key, sep, value = str(pair).partition("=")
             key, value = key.strip(), value.strip()
-            if not sep or key not in by_name:
+            if not sep or key not in known:
                 raise InputError("--fluoro-effect", f"{pair!r}: expected KEY=VALUE with KEY one of "
-                                                    f"{', '.join(sorted(by_name))}")
+                                                    f"{', '.join(sorted(known))}")
             current = getattr(self, key)
             try:
                 if isinstance(current, bool):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_registration import add_setting_option  # run as a script: this folder is on sys.path
+from bench_registration import add_fluoro_effect_option, add_setting_option  # run as a script: this folder is on sys.path
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELMAP = ROOT.parent / "shared" / "data" / "knee_mri_labels" / "SAG_3D_DESS_RIGHT_bones_cart_men_fib-label.nrrd"
@@ -101,9 +101,7 @@ def main():
     ap.add_argument("--offsets", default="2,5,10,15,20")
     ap.add_argument("--strength", type=float, default=1.0, help="fluoroscopy effect strength")
     ap.add_argument("--seed", type=int, default=31, help="the simulated sequence (bench_registration.py's --seed)")
-    ap.add_argument("--fluoro-effect", action="append", default=[], metavar="KEY=VALUE",
-                    help="simulated fluoroscopy: change one effect's range (repeatable; simulate --fluoro-effect), "
-                         "e.g. focal_sigma_px=0.1,0.4")
+    add_fluoro_effect_option(ap)
     ap.add_argument("--effects-per", choices=["frame", "sequence"], default="frame",
                     help="fluoroscopy effects drawn per frame, or once per sequence (one scene, fresh noise)")
     ap.add_argument("--threads", type=int, default=1)

@@ -252,6 +252,13 @@ def add_setting_option(ap: argparse.ArgumentParser) -> None:
                          "joint_mediolateral_tolerance_mm=null); repeat for more")
 
 
+def add_fluoro_effect_option(ap: argparse.ArgumentParser) -> None:
+    """The benchmarks' ``--fluoro-effect KEY=LOW,HIGH`` (repeatable), read by ``FluoroEffects.with_overrides``."""
+    ap.add_argument("--fluoro-effect", action="append", default=[], metavar="KEY=VALUE",
+                    help="simulated fluoroscopy: change one effect's range (repeatable; simulate --fluoro-effect), "
+                         "e.g. focal_sigma_px=0.1,0.4")
+
+
 def main():
     from Fluoro2DRRLib.registration import RegistrationSettings
 
@@ -275,9 +282,7 @@ def main():
     ap.add_argument("--outlier-scale", type=float, default=RegistrationSettings().outlier_scale,
                     help="RegistrationSettings.outlier_scale (residuals this many robust sigmas weigh 1/2)")
     add_setting_option(ap)
-    ap.add_argument("--fluoro-effect", action="append", default=[], metavar="KEY=VALUE",
-                    help="simulated fluoroscopy: change one effect's range (repeatable; simulate --fluoro-effect), "
-                         "e.g. focal_sigma_px=0.1,0.4")
+    add_fluoro_effect_option(ap)
     ap.add_argument("--effects-per", choices=["frame", "sequence"], default="frame",
                     help="simulated fluoroscopy: effects drawn again per frame (default, the tables so far) or once "
                          "per sequence with fresh noise per frame (simulate --effects-per)")
