@@ -141,7 +141,11 @@ def simulate_sequence(out_dir, n_frames: int = 20, seed: int = 0, realism: str =
             "polarity": "drr" if realism == "none" else "xray",
             "fluoro_strength": fluoro_strength if realism == "fluoro" else None,
             "fluoro_effects_per": fluoro_effects_per if realism == "fluoro" else None,
-            "fluoro_effects": list(fluoro_effects) if realism == "fluoro" else None, "seconds": round(time.time() - t0, 2)}
+            "fluoro_effects": list(fluoro_effects) if realism == "fluoro" else None,
+            # every effect's range as drawn (defaults and overrides): a later change of the simulator's defaults
+            # is then visible here, not only a changed --fluoro-effect
+            "fluoro_effect_ranges": effects.as_json() if realism == "fluoro" else None,
+            "seconds": round(time.time() - t0, 2)}
     (tmp / "simulation.json").write_text(json.dumps(info, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -15,8 +15,8 @@ from Fluoro2DRRLib.errors import InputError
 from Fluoro2DRRLib.fluoro_sim import (TARGET_LI_SCALE, FluoroEffects, bone_mask_from_line_integrals,
                                       clean_drr_target, line_integrals_from_target, simulate_fluoroscopy)
 from Fluoro2DRRLib.translation import inference
-from Fluoro2DRRLib.translation.data import (Procedural2DKneeSource, SimulatedPairDataset, build_cache,
-                                            make_pair)
+from Fluoro2DRRLib.translation.data import (TRAINING_FLUORO_EFFECTS, Procedural2DKneeSource,
+                                            SimulatedPairDataset, build_cache, make_pair, training_effects)
 from Fluoro2DRRLib.translation.losses import (GeneratorLoss, LPIPSLoss, StructurePerceptualLoss,
                                               gradient_loss, ssim)
 from Fluoro2DRRLib.translation.networks import (PatchDiscriminator, UNetGenerator, build_stage2,
@@ -56,6 +56,7 @@ def test_each_effect_switches_on_alone(li, switch):
     setattr(eff, switch, True)
     eff.n_markers = eff.n_beads = eff.n_wires = eff.n_sensors = (2, 3)
     eff.other_leg_prob = eff.extra_bones_prob = 1.0
+    eff.focal_sigma_px = training_effects().focal_sigma_px  # the default's sub-pixel blur barely shows at 128 px
     clean = clean_drr_target(li)
     diffs = []
     for seed in range(3):
@@ -101,12 +102,14 @@ def test_one_scene_with_fresh_noise_per_frame(li):
 
 def test_an_effect_range_changed_keeps_the_scene(li):
     """``--fluoro-effect focal_sigma_px=0,0`` takes the focal spot's blur out of a scene and nothing else: the
-    frame is the same scene (far closer to it than another scene is) with sharper bone edges."""
+    frame is the same scene (far closer to it than another scene is) with sharper bone edges than the training
+    pairs' wider focal blur gives."""
     focal_off = FluoroEffects().with_overrides(["focal_sigma_px=0,0"])
     assert focal_off.focal_sigma_px == (0.0, 0.0) and focal_off.gain == FluoroEffects().gain
-    blurred = simulate_fluoroscopy(li, np.random.default_rng(5), noise_rng=np.random.default_rng(1))
+    wide = training_effects()
+    blurred = simulate_fluoroscopy(li, np.random.default_rng(5), wide, noise_rng=np.random.default_rng(1))
     sharp = simulate_fluoroscopy(li, np.random.default_rng(5), focal_off, noise_rng=np.random.default_rng(1))
-    other_scene = simulate_fluoroscopy(li, np.random.default_rng(6), noise_rng=np.random.default_rng(1))
+    other_scene = simulate_fluoroscopy(li, np.random.default_rng(6), wide, noise_rng=np.random.default_rng(1))
     same = float(np.abs(sharp - blurred).mean())
     assert 0.0 < same < 0.2 * float(np.abs(sharp - other_scene).mean())
     edges = bone_mask_from_line_integrals(li, 2.0)
@@ -117,6 +120,31 @@ def test_an_effect_range_changed_keeps_the_scene(li):
         return float(np.hypot(gx, gy)[edges].mean())
 
     assert edge_gradient(sharp) > 1.1 * edge_gradient(blurred), (edge_gradient(sharp), edge_gradient(blurred))
+
+
+def test_the_default_focal_blur_is_one_a_focal_spot_can_give():
+    """The simulator's focal-spot blur at the benchmark's C-arm covers what a 0.3-1.2 mm focal spot gives (its
+    penumbra f (M - 1) at the detector) without the 4-60x excess of the old range; the training pairs keep that
+    wider range (augmentation, and what the bundled weights were trained on)."""
+    from Fluoro2DRRLib.geometry import knee_default_geometry
+
+    geometry = knee_default_geometry().resized(256)  # the registration benchmarks' frames: 1.09 mm pixels
+    magnification = geometry.source_to_detector_mm / geometry.source_to_patient_mm
+    pixel_mm = max(geometry.pixel_spacing_mm)
+    penumbra_px = [spot_mm * (magnification - 1) / pixel_mm for spot_mm in (0.3, 1.2)]
+    low, high = FluoroEffects().focal_sigma_px  # a Gaussian's sigma: the whole penumbra is a generous top end
+    assert low <= penumbra_px[1] / 2 and penumbra_px[1] <= high <= 2 * penumbra_px[1], (penumbra_px, low, high)
+    assert training_effects().focal_sigma_px == (0.3, 1.2) == FluoroEffects().with_overrides(
+        TRAINING_FLUORO_EFFECTS).focal_sigma_px
+    assert training_effects().focal_sigma_px[0] > penumbra_px[1]  # the old range: beyond any focal spot
+    assert training_effects([]) == FluoroEffects()
+    # the training pairs (make_pair's default) are the wider blur's, not the simulator's defaults
+    source = Procedural2DKneeSource()
+    default_pair = make_pair(source, np.random.default_rng(4), 96)[0]
+    np.testing.assert_array_equal(default_pair, make_pair(source, np.random.default_rng(4), 96, training_effects())[0])
+    assert np.abs(default_pair - make_pair(source, np.random.default_rng(4), 96, FluoroEffects())[0]).mean() > 1e-3
+    with pytest.raises(InputError, match="data.fluoro_effects"):
+        training_effects("focal_sigma_px=0.1,0.2")
 
 
 @pytest.mark.parametrize("pair, message", [("nope=1", "KEY one of"), ("focal_sigma_px=0.3", "LOW,HIGH"),
@@ -139,6 +167,11 @@ def test_a_simulated_sequence_keeps_or_redraws_its_scene(tmp_path, effects_per):
                              phantom_voxel_mm=1.5, fluoro_effects_per=effects_per,
                              fluoro_effects=["vignetting=0.2,0.3"])
     assert info["fluoro_effects_per"] == effects_per and info["fluoro_effects"] == ["vignetting=0.2,0.3"]
+    # every range as drawn, the defaults too: a benchmark reusing the folder sees a changed default
+    recorded = json.loads((tmp_path / "sim" / "simulation.json").read_text())["fluoro_effect_ranges"]
+    assert recorded["vignetting"] == [0.2, 0.3] and recorded["focal_sigma_px"] == list(FluoroEffects().focal_sigma_px)
+    assert FluoroEffects(**{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()}) == \
+        FluoroEffects().with_overrides(["vignetting=0.2,0.3"])
     frames = load_frames(tmp_path / "sim" / "frames").frames.astype(np.float32)
     outside = frames < 0.05 * 255  # the dark surround of the field
     changed = max(float(np.mean(outside[k] != outside[0])) for k in range(1, len(frames)))
@@ -518,6 +551,9 @@ def test_a_bad_worker_count_is_a_clear_error(tmp_path):
     for bad in ("many", -1, 2.5):
         with pytest.raises(InputError, match="data.workers"):
             train({"data": {"workers": bad}}, tmp_path / "run", device="cpu", progress=False)
+    for bad, message in ((["nope=1"], "KEY one of"), ("focal_sigma_px=0.1,0.2", "data.fluoro_effects")):
+        with pytest.raises(InputError, match=message):
+            train({"data": {"fluoro_effects": bad}}, tmp_path / "run", device="cpu", progress=False)
 
 
 def test_parallel_pair_building_draws_the_same_pairs_as_the_serial_loop(tmp_path):

@@ -84,10 +84,12 @@ def pool(run_dirs: list[str], out: Path) -> None:
             rot = np.median([h["rotation_deg_median"] for h in have])
         rows[(offset, mode)] = {"success_pct": 100.0 * ok / n, "in_plane_mm_median": float(ip),
                                 "rotation_deg_median": float(rot), "n": n}
+    # the modes the runs measured (a run with --modes measures some): a mode missing at some offset is left out
+    modes = [m for m in MODES if all((o, m) in rows for o in offsets)]
     lines = [f"Pooled over {len(runs)} scenes ({'; '.join(scenes)}; runs {', '.join(run_dirs)}); success over all their starts (n per offset: "
-             + ", ".join(f"{o:g} mm {rows[(o, MODES[0])]['n']}" for o in offsets) + "); medians "
+             + ", ".join(f"{o:g} mm {rows[(o, modes[0])]['n']}" for o in offsets) + "); medians "
              + ("over every start's bones." if per_start else "of the runs' medians (not every run stored its starts)."),
-             ""] + table(rows, offsets)
+             ""] + table(rows, offsets, modes)
     text = "\n".join(lines)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +171,8 @@ def main():
                                     "rotation_deg_median": float(np.median(rot)), "n": len(success),
                                     "in_plane_mm": in_plane, "rotation_deg": rot}
             print(offset, mode, {k: v for k, v in rows[(offset, mode)].items() if not isinstance(v, list)}, flush=True)
-    scene = f"seed {args.seed}, effects drawn per {args.effects_per}"
+    # a changed effect range is another scene: --pool must not take one run's modes for the other's
+    scene = f"seed {args.seed}, effects drawn per {args.effects_per}" + "".join(f", {e}" for e in args.fluoro_effect)
     settings_text = f"; settings {', '.join(args.setting)}" if args.setting else ""
     lines = [f"Simulated fluoroscopy (strength {args.strength}, {scene}), "
              f"{'knee MRI label map' if subject else 'procedural phantom'}, "

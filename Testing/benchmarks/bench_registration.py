@@ -299,6 +299,7 @@ def main():
     if args.memory_child:
         return memory_child(args.memory_child, args.out, args.reuse_cpu_buffers == "on",
                             args.max_pixels_per_evaluation)
+    from Fluoro2DRRLib.fluoro_sim import FluoroEffects
     from Fluoro2DRRLib.simulate import simulate_sequence
 
     out = Path(args.out)
@@ -319,7 +320,8 @@ def main():
             else {}
         if simulated.get("seed") != args.seed or case not in ("translated",) \
                 or simulated.get("fluoro_effects_per", "frame") != args.effects_per \
-                or (simulated.get("fluoro_effects") or []) != args.fluoro_effect:
+                or (simulated.get("fluoro_effects") or []) != args.fluoro_effect \
+                or simulated.get("fluoro_effect_ranges") != FluoroEffects().with_overrides(args.fluoro_effect).as_json():
             print(f"simulating {args.frames} {realism} frames of the {subject_name}", flush=True)
             simulate_sequence(sim_dir, n_frames=args.frames, seed=args.seed, realism=realism, image_size=256,
                               overwrite=True, progress=False, fluoro_effects_per=args.effects_per,

@@ -7,7 +7,9 @@ Held-out sets (none of them seen in training):
 * "MRI knee": DiffDRR renders of the real knee MRI label map in ../shared/data (an unseen bone shape;
   skipped when ../shared is absent);
 * "2-D procedural": the analytic 2-D source (a different kind of image altogether).
-Each frame goes through the fluoroscopy simulator at a random strength in [0.6, 1.2] with seeds [777777, k].
+Each frame goes through the fluoroscopy simulator at a random strength in [0.6, 1.2] with seeds [777777, k],
+with the training pairs' effect ranges (``translation.data.training_effects``: the wider focal blur) or, with
+``--effects simulator``, the simulator's defaults (what the registration benchmarks draw).
 Metrics against the clean DRR target: PSNR (dB), SSIM, NCC over the image, and NCC / mean absolute error
 inside the image-intensifier field (outside it the target still shows bone that the frame cannot).
 Prints a table and writes it to --out.
@@ -64,23 +66,25 @@ def field_metrics(pred, target, fov):
     return float(np.mean(out_ncc)), float(np.mean(out_mae))
 
 
-def held_out_sets(n: int) -> dict:
-    """``{set name: (frames, targets, field-of-view masks)}``, ``n`` simulated frames per set, 256 px."""
+def held_out_sets(n: int, effects=None) -> dict:
+    """``{set name: (frames, targets, field-of-view masks)}``, ``n`` simulated frames per set, 256 px, simulated
+    with ``effects`` (None: the training pairs')."""
     from Fluoro2DRRLib.fluoro_sim import clean_drr_target, simulate_fluoroscopy
     from Fluoro2DRRLib.metrics import field_of_view_mask
-    from Fluoro2DRRLib.translation.data import DRRSource, Procedural2DKneeSource
+    from Fluoro2DRRLib.translation.data import DRRSource, Procedural2DKneeSource, training_effects
 
     sources = {"phantoms (seeds 5000+)": DRRSource(n_phantoms=4, first_phantom_seed=5000)}
     if LABELMAP.exists():
         sources["MRI knee (../shared)"] = LabelMapSource(LABELMAP)
     sources["2-D procedural"] = Procedural2DKneeSource()
+    effects = training_effects() if effects is None else effects
     sets = {}
     for name, source in sources.items():
         frames, targets = [], []
         for k in range(n):
             rng = np.random.default_rng([777777, k])
             li = source.sample(rng, 256)
-            frames.append(simulate_fluoroscopy(li, rng, None, float(rng.uniform(0.6, 1.2))))
+            frames.append(simulate_fluoroscopy(li, rng, effects, float(rng.uniform(0.6, 1.2))))
             targets.append(clean_drr_target(li))
         frames, targets = np.stack(frames).astype(np.float32), np.stack(targets).astype(np.float32)
         fov = np.stack([np.asarray(field_of_view_mask(f), np.float32) for f in frames])
@@ -106,15 +110,20 @@ def main():
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--n", type=int, default=16, help="frames per held-out set")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--effects", choices=("training", "simulator"), default="training",
+                    help="the frames' effect ranges: the training pairs' (default) or the simulator's defaults "
+                         "(the registration benchmarks' scenes)")
     ap.add_argument("--out", default=str(ROOT / "bench_out" / "translation_eval"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from Fluoro2DRRLib.translation.data import robust_normalize
+    from Fluoro2DRRLib.fluoro_sim import FluoroEffects
+    from Fluoro2DRRLib.translation.data import robust_normalize, training_effects
     from Fluoro2DRRLib.translation.inference import Translator
 
     tr = Translator.load(args.model_dir, device="cpu")
     rows, results = [], {}
-    for name, (frames, targets, fov) in held_out_sets(args.n).items():
+    effects = training_effects() if args.effects == "training" else FluoroEffects()
+    for name, (frames, targets, fov) in held_out_sets(args.n, effects).items():
         # the raw frame in [0, 1] as the networks see it (bone dark on bright, like the target)
         outputs = {"raw frame": np.stack([robust_normalize(f) for f in frames]),
                    "stage 1": tr.translate(frames, stage="1"), "stages 1 + 2": tr.translate(frames, stage="both")}
@@ -123,7 +132,7 @@ def main():
             rows.append(f"| {name} | {label} | {m['psnr']:.1f} | {m['ssim']:.3f} | {m['ncc']:.3f} | "
                         f"{m['ncc_field']:.3f} | {m['mae_field']:.3f} |")
             print(rows[-1], flush=True)
-    table = "\n".join([f"Held-out simulated frames, {args.n} per set, 256 px; model: {args.model_dir or 'bundled (Resources/Models)'}.", "",
+    table = "\n".join([f"Held-out simulated frames, {args.n} per set, 256 px, {args.effects} effects (focal blur {effects.focal_sigma_px[0]:g}-{effects.focal_sigma_px[1]:g} px); model: {args.model_dir or 'bundled (Resources/Models)'}.", "",
                        "| held-out set | output | PSNR dB | SSIM | NCC | NCC in field | MAE in field |",
                        "|---|---|---|---|---|---|---|", *rows])
     print("\n" + table)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import InputError
 from ..fluoro_sim import (FluoroEffects, bone_mask_from_line_integrals, clean_drr_target,
                           simulate_fluoroscopy)
 
@@ -204,6 +205,22 @@ def default_source(kind: str = "auto", **drr_kwargs):
 
 
 # ---------------------------------------------------------------------------------------------
+# The training pairs draw the focal-spot blur from 0.3-1.2 px, the simulator's range until the twenty-sixth
+# session: wider than a focal spot gives (``FluoroEffects.focal_sigma_px``), kept as augmentation, and what the
+# bundled weights were trained on, so that their committed config still reproduces them. A training config
+# replaces these overrides with its own list (``data.fluoro_effects``; ``[]``: the simulator's defaults).
+TRAINING_FLUORO_EFFECTS = ("focal_sigma_px=0.3,1.2",)
+
+
+def training_effects(overrides=None) -> FluoroEffects:
+    """The effects training pairs are simulated with: the simulator's defaults with ``overrides``
+    (``KEY=VALUE`` strings, :meth:`FluoroEffects.with_overrides`), :data:`TRAINING_FLUORO_EFFECTS` when None."""
+    if overrides is not None and (isinstance(overrides, str) or not isinstance(overrides, (list, tuple))):
+        raise InputError("training config", f"data.fluoro_effects must be a list of KEY=VALUE strings "
+                                            f"(e.g. [\"focal_sigma_px=0.05,0.3\"]), not {overrides!r}")
+    return FluoroEffects().with_overrides(TRAINING_FLUORO_EFFECTS if overrides is None else overrides)
+
+
 def make_pair(source: LineIntegralSource, rng: np.random.Generator, size: int = 256,
               effects: FluoroEffects | None = None, strength=(0.6, 1.2), mask_threshold: float = 2.0):
     li = source.sample(rng, size)
@@ -212,7 +229,9 @@ def make_pair(source: LineIntegralSource, rng: np.random.Generator, size: int = 
 
 def pair_from_line_integrals(li: np.ndarray, rng: np.random.Generator, effects: FluoroEffects | None = None,
                              strength=(0.6, 1.2), mask_threshold: float = 2.0):
-    """(simulated frame, clean target, bone mask) of line integrals ``(2, H, W)``; ``rng`` draws the frame."""
+    """(simulated frame, clean target, bone mask) of line integrals ``(2, H, W)``; ``rng`` draws the frame,
+    with ``effects`` (None: :func:`training_effects`)."""
+    effects = training_effects() if effects is None else effects
     frame = simulate_fluoroscopy(li, rng, effects, float(rng.uniform(*strength)))
     return frame, clean_drr_target(li), bone_mask_from_line_integrals(li, mask_threshold)
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import InputError, read_json_object
-from .data import SimulatedPairDataset, build_cache, default_source, default_workers
+from .data import SimulatedPairDataset, build_cache, default_source, default_workers, training_effects
 from .losses import GeneratorLoss, adversarial_loss
 from .networks import PatchDiscriminator, UNetGenerator, build_stage2, count_parameters
 
@@ -301,12 +301,15 @@ def train(config, out_dir, device="auto", resume=False, paired=None, progress=Tr
         raise InputError("training config", f'data.workers must be "auto" or a count >= 0, not {workers!r}')
     workers = default_workers() if workers == "auto" else workers
     compress = bool(dcfg.get("compress_cache", True))
+    # "fluoro_effects": the simulator's effect ranges for the training pairs (KEY=VALUE strings); absent: the
+    # training default (data.TRAINING_FLUORO_EFFECTS, the wider focal blur the bundled weights were trained on)
+    effects = training_effects(dcfg.get("fluoro_effects"))
     if simulated_epochs and not tr_cache.exists():
-        build_cache(tr_cache, dcfg["n_train"], size, dcfg["seed"], source, progress=progress, workers=workers,
-                    compress=compress)
+        build_cache(tr_cache, dcfg["n_train"], size, dcfg["seed"], source, effects, progress=progress,
+                    workers=workers, compress=compress)
     if not va_cache.exists():
-        build_cache(va_cache, dcfg["n_val"], size, dcfg["val_seed"], source, progress=progress, workers=workers,
-                    compress=compress)
+        build_cache(va_cache, dcfg["n_val"], size, dcfg["val_seed"], source, effects, progress=progress,
+                    workers=workers, compress=compress)
     metrics_data_minutes = (time.time() - t_start) / 60
     val = SimulatedPairDataset(va_cache, normalize=tuple(pct))
     vf = torch.stack([val[i][0] for i in range(len(val))]).to(dev)
