@@ -280,12 +280,14 @@ def test_bundled_weights_come_from_the_committed_recipe():
     """models.json's config hash is the hash of Resources/Models/translation_config.json as training merges it:
     the bundled weights are what `fluoro2drr train --config` of that file makes (a config edited without
     retraining, or weights swapped without their config, fails here). The recipes beside it trained other
-    weights (not bundled: results/translation_gpu_training_2026-12-04.md, translation_shape_variety_2026-12-06.md)."""
+    weights (not bundled: results/translation_gpu_training_2026-12-04.md, translation_shape_variety_2026-12-06.md,
+    physical_focal_blur_default_2026-12-07.md)."""
     from Fluoro2DRRLib.translation.train import config_hash, merge_config
 
     info = json.loads((MODEL_DIR / "models.json").read_text())
     assert info["config_hash"] == config_hash(merge_config(MODEL_DIR / "translation_config.json"))
-    for other in ("translation_config_gpu.json", "translation_config_continue_variety.json"):
+    for other in ("translation_config_gpu.json", "translation_config_continue_variety.json",
+                  "translation_config_continue_sharp.json"):
         assert info["config_hash"] != config_hash(merge_config(MODEL_DIR / other))
 
 
