@@ -320,7 +320,6 @@ def main():
             else {}
         if simulated.get("seed") != args.seed or case not in ("translated",) \
                 or simulated.get("fluoro_effects_per", "frame") != args.effects_per \
-                or (simulated.get("fluoro_effects") or []) != args.fluoro_effect \
                 or simulated.get("fluoro_effect_ranges") != FluoroEffects().with_overrides(args.fluoro_effect).as_json():
             print(f"simulating {args.frames} {realism} frames of the {subject_name}", flush=True)
             simulate_sequence(sim_dir, n_frames=args.frames, seed=args.seed, realism=realism, image_size=256,
